@@ -1,0 +1,130 @@
+// Topology helpers: CSR transpose with the value permutation, full CSR validation, and a
+// probe that reports how many threads at::parallel_for really uses (guards a build that
+// lost -fopenmp, where every kernel would silently run on one thread).
+#include "common.h"
+
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <set>
+#include <tuple>
+#include <vector>
+
+namespace torch_nerva {
+namespace cpu {
+namespace {
+
+// Validates crow/col as a sorted, duplicate-free CSR of shape (n_rows x n_cols).
+template <typename index_t>
+void check_csr_data(const char* op, const index_t* crow, const index_t* col, int64_t n_rows,
+                    int64_t n_cols, int64_t nnz) {
+  check_row_pointer_ends(op, crow, n_rows, nnz);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const int64_t start = crow[r], end = crow[r + 1];
+    TORCH_CHECK(start <= end && end <= nnz, op, ": malformed row pointer: crow[", r, "] = ", start,
+                " and crow[", r + 1, "] = ", end, " (must be non-decreasing and <= nnz = ", nnz,
+                ")");
+    for (int64_t k = start; k < end; ++k) {
+      const int64_t c = col[k];
+      TORCH_CHECK(c >= 0 && c < n_cols, op, ": column index out of range in row ", r,
+                  " at position ", k, ": ", c, " not in [0, ", n_cols, ")");
+      if (k > start) {
+        const int64_t prev = col[k - 1];
+        TORCH_CHECK(c != prev, op, ": duplicate column index ", c, " in row ", r,
+                    " at position ", k);
+        TORCH_CHECK(c > prev, op, ": column indices of row ", r, " are not sorted: ", prev,
+                    " then ", c, " at position ", k);
+      }
+    }
+  }
+}
+
+void csr_check_cpu(const at::Tensor& crow, const at::Tensor& col, int64_t n_rows, int64_t n_cols) {
+  const char* op = "torch_nerva.csr_check";
+  check_index_pair(op, crow, col);
+  TORCH_CHECK(n_rows >= 0 && n_cols >= 0, op, ": shape must be non-negative, got (", n_rows, ", ",
+              n_cols, ")");
+  TORCH_CHECK(crow.numel() == n_rows + 1, op, ": crow must have n_rows + 1 = ", n_rows + 1,
+              " entries, got ", crow.numel());
+  if (crow.scalar_type() == at::kInt) {
+    TORCH_CHECK(n_rows <= std::numeric_limits<int32_t>::max() &&
+                    n_cols <= std::numeric_limits<int32_t>::max(),
+                op, ": shape (", n_rows, ", ", n_cols, ") does not fit int32 indices; use int64");
+  }
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
+  AT_DISPATCH_INDEX_TYPES(crow.scalar_type(), "torch_nerva", [&] {
+    check_csr_data<index_t>(op, crow_c.data_ptr<index_t>(), col_c.data_ptr<index_t>(), n_rows,
+                            n_cols, col.numel());
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_transpose_cpu(const at::Tensor& crow,
+                                                                 const at::Tensor& col,
+                                                                 int64_t n_cols) {
+  const char* op = "torch_nerva.csr_transpose";
+  check_index_pair(op, crow, col);
+  TORCH_CHECK(n_cols >= 0, op, ": n_cols must be non-negative, got ", n_cols);
+  const int64_t n_rows = crow.numel() - 1, nnz = col.numel();
+  at::Tensor crow_t = at::zeros({n_cols + 1}, crow.options());
+  at::Tensor col_t = at::empty({nnz}, crow.options());
+  at::Tensor perm = at::empty({nnz}, crow.options());
+  const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
+  AT_DISPATCH_INDEX_TYPES(crow.scalar_type(), "torch_nerva", [&] {
+    const index_t* rp = crow_c.data_ptr<index_t>();
+    const index_t* cp = col_c.data_ptr<index_t>();
+    check_row_pointer_ends(op, rp, n_rows, nnz);
+    index_t* tp = crow_t.data_ptr<index_t>();
+    // Count the nonzeros of every column (validating as we go), then prefix-sum.
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const int64_t start = rp[r], end = rp[r + 1];
+      TORCH_CHECK(start <= end && end <= nnz, op, ": malformed row pointer at row ", r, ": [",
+                  start, ", ", end, ")");
+      for (int64_t k = start; k < end; ++k) {
+        const int64_t c = cp[k];
+        TORCH_CHECK(c >= 0 && c < n_cols, op, ": column index out of range at position ", k,
+                    ": ", c, " not in [0, ", n_cols, ")");
+        tp[c + 1] += 1;
+      }
+    }
+    for (int64_t c = 0; c < n_cols; ++c) tp[c + 1] += tp[c];
+    // Scatter in row order: every transposed row comes out sorted by original row.
+    std::vector<index_t> next(tp, tp + n_cols);
+    index_t* ct = col_t.data_ptr<index_t>();
+    index_t* pp = perm.data_ptr<index_t>();
+    for (int64_t r = 0; r < n_rows; ++r) {
+      for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
+        const index_t pos = next[cp[k]]++;
+        ct[pos] = (index_t)r;
+        pp[pos] = (index_t)k;
+      }
+    }
+  });
+  return {crow_t, col_t, perm};
+}
+
+at::Tensor parallel_probe_cpu(int64_t n) {
+  std::mutex mu;
+  std::set<int> seen;
+  at::parallel_for(0, std::max<int64_t>(n, 1), 1, [&](int64_t, int64_t) {
+    const int id = at::get_thread_num();
+    std::lock_guard<std::mutex> lock(mu);
+    seen.insert(id);
+  });
+  return at::scalar_tensor((int64_t)seen.size(), at::TensorOptions().dtype(at::kLong));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_nerva, CPU, m) {
+  m.impl("csr_check", &csr_check_cpu);
+  m.impl("csr_transpose", &csr_transpose_cpu);
+}
+
+// The probe takes no tensor, so it is registered for every dispatch key.
+TORCH_LIBRARY_IMPL(torch_nerva, CompositeExplicitAutograd, m) {
+  m.impl("_parallel_probe", &parallel_probe_cpu);
+}
+
+}  // namespace cpu
+}  // namespace torch_nerva

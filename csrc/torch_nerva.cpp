@@ -1,0 +1,39 @@
+// Every op schema of torch_nerva in one place.
+//
+// Layout convention (see README "Design in brief"): a sparse weight W of shape
+// (out x in) is stored in CSR by output row: crow (out + 1), col (nnz), values (nnz).
+// The transpose W^T (in x out) is a second CSR (crow_t, col_t) whose values are
+// values[perm]; it is computed once per topology by csr_transpose.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// The extension is loaded as a Python module only so that `import torch_nerva._C`
+// runs the static registrations below; it exports no Python functions.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "torch_nerva native ops (registered in torch.ops.torch_nerva)",
+      -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(torch_nerva, m) {
+  // Y = X W^T (+ bias): x (B x in), W CSR (out x in). The value of nonzero k is
+  // values[perm[k]] when perm is given (used for the transposed layout), else values[k].
+  m.def("csr_spmm(Tensor x, Tensor values, Tensor crow, Tensor col, Tensor? perm=None, "
+        "Tensor? bias=None) -> Tensor");
+  // dvalues[k] = sum_b grad_out[b, row(k)] * x[b, col[k]]: dY^T X sampled at W's pattern.
+  m.def("csr_sddmm(Tensor grad_out, Tensor x, Tensor crow, Tensor col) -> Tensor");
+  // CSR of W^T and the permutation with values_t = values[perm]. Rows of the result are
+  // sorted by column, so the transpose is itself a valid sorted CSR.
+  m.def("csr_transpose(Tensor crow, Tensor col, SymInt n_cols) -> (Tensor, Tensor, Tensor)");
+  // The differentiable layer: Y = X W^T + bias. Autograd is attached in Python
+  // (torch_nerva/ops.py) and calls only csr_spmm (on the transpose) and csr_sddmm.
+  m.def("sparse_linear(Tensor x, Tensor values, Tensor? bias, Tensor crow, Tensor col, "
+        "Tensor crow_t, Tensor col_t, Tensor perm) -> Tensor");
+  // Full validation of a CSR topology (O(nnz)); raises a clear error on the first problem.
+  m.def("csr_check(Tensor crow, Tensor col, SymInt n_rows, SymInt n_cols) -> ()");
+  // Test helper: how many distinct threads at::parallel_for used for n work items.
+  m.def("_parallel_probe(int n) -> Tensor");
+}

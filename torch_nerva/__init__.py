@@ -1,0 +1,47 @@
+"""torch_nerva: truly sparse linear layers for PyTorch.
+
+A :class:`SparseLinear` stores only its nonzero weights: a 1-D ``values`` parameter and a CSR
+topology (``crow_indices``, ``col_indices``) as buffers. Forward, input gradient and weight
+gradient are sparse kernels whose cost is proportional to ``nnz x batch``. A
+:class:`MaskedLinear` is the dense ``weight * mask`` baseline used by sparse-training papers,
+built from the same initial weights so the two can be compared in one process.
+"""
+import torch  # noqa: F401  (must be imported before the extension)
+
+from . import _build_info
+
+
+def _check_build():
+    built = _build_info.TORCH_VERSION
+    if built != torch.__version__:
+        raise ImportError(
+            f"torch_nerva was built against torch {built} but torch {torch.__version__} is "
+            "installed; rebuild with: pip install --no-build-isolation -e ."
+        )
+
+
+_check_build()
+
+from . import _C  # noqa: E402,F401  (registers torch.ops.torch_nerva.*)
+from . import ops  # noqa: E402,F401  (fake kernels and autograd)
+from . import backends  # noqa: E402
+from .functional import sparse_linear  # noqa: E402
+from .layout import CSRLayout  # noqa: E402
+from .modules import MaskedLinear, SparseLinear  # noqa: E402
+from .convert import densify, sparsify, to_masked, to_sparse  # noqa: E402
+from .init import layer_densities  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseLinear",
+    "MaskedLinear",
+    "CSRLayout",
+    "sparse_linear",
+    "sparsify",
+    "to_masked",
+    "to_sparse",
+    "densify",
+    "layer_densities",
+    "backends",
+]

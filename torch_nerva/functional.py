@@ -1,0 +1,87 @@
+"""``sparse_linear``: the functional form of :class:`torch_nerva.SparseLinear`.
+
+``y = x W^T + bias`` for a CSR weight W (out x in) given by ``values`` (nnz, trainable) and the
+topology ``crow, col`` (and its cached transpose ``crow_t, col_t, perm``). ``x`` may have any
+leading dimensions, like ``torch.nn.functional.linear``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, ops
+
+
+def _check_input(x: Tensor, values: Tensor, bias: Optional[Tensor], in_features: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"sparse_linear: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"sparse_linear: expected input of shape (*, in_features={in_features}), "
+                         f"got {tuple(x.shape)}")
+    if x.dtype != values.dtype:
+        raise TypeError(f"sparse_linear: input dtype {x.dtype} does not match the layer's dtype "
+                        f"{values.dtype}; cast the input or the layer (layer.to(dtype))")
+    if x.device != values.device:
+        raise ValueError(f"sparse_linear: input is on {x.device} but the layer is on "
+                         f"{values.device}; move one of them")
+    if bias is not None and (bias.dtype != values.dtype or bias.device != values.device):
+        raise TypeError(f"sparse_linear: bias ({bias.dtype}, {bias.device}) does not match values "
+                        f"({values.dtype}, {values.device})")
+
+
+def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tensor, col: Tensor,
+                  crow_t: Tensor, col_t: Tensor, perm: Tensor, *, backend: str = "auto") -> Tensor:
+    in_features = crow_t.shape[0] - 1
+    out_features = crow.shape[0] - 1
+    _check_input(x, values, bias, in_features)
+    x2 = x.reshape(-1, in_features)
+    which = backends.resolve(backend, x.device)
+    if which == "native":
+        y = ops.sparse_linear(x2, values, bias, crow, col, crow_t, col_t, perm)
+    elif which == "torch":
+        y = _TorchSparseLinear.apply(x2, values, bias, crow, col, crow_t, col_t, perm)
+    else:  # pragma: no cover - backends.check refuses unbuilt names earlier
+        raise RuntimeError(f"backend {which!r} is not available")
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+class _TorchSparseLinear(torch.autograd.Function):
+    """The ``torch`` backend: what a user would write with ``torch.sparse`` alone.
+
+    Forward and dX use CSR x dense products; dvalues uses ``torch.sparse.sampled_addmm``.
+    A comparator for tests and benchmarks, not a fast path.
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, bias, crow, col, crow_t, col_t, perm):
+        out_features, in_features = crow.shape[0] - 1, crow_t.shape[0] - 1
+        w = torch.sparse_csr_tensor(crow, col, values, (out_features, in_features))
+        y = (w @ x.t()).t()
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x, values, crow, col, crow_t, col_t, perm)
+        ctx.has_bias = bias is not None
+        return y.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, values, crow, col, crow_t, col_t, perm = ctx.saved_tensors
+        out_features, in_features = crow.shape[0] - 1, crow_t.shape[0] - 1
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            wt = torch.sparse_csr_tensor(crow_t, col_t, values[perm.long()],
+                                         (in_features, out_features))
+            grad_x = (wt @ grad.t()).t()
+        if ctx.needs_input_grad[1]:
+            pattern = torch.sparse_csr_tensor(crow, col, torch.zeros_like(values),
+                                              (out_features, in_features))
+            if values.numel() == 0 or x.shape[0] == 0:
+                grad_values = torch.zeros_like(values)
+            else:
+                grad_values = torch.sparse.sampled_addmm(
+                    pattern, grad.t().contiguous(), x.contiguous(), beta=0.0).values()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_values, grad_bias, None, None, None, None, None

@@ -1,0 +1,153 @@
+"""The CSR topology of a sparse (out x in) weight: construction, validation, transpose.
+
+Nothing here allocates an ``out x in`` dense tensor unless the caller passes one (a mask or a
+dense weight) or asks for one (:meth:`CSRLayout.to_mask`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+_INT32_MAX = 2**31 - 1
+# Below this many positions, sample a random topology with randperm (8 bytes per position);
+# above it, draw candidates with replacement and deduplicate (memory ~ nnz, not out x in).
+_RANDPERM_LIMIT = 1 << 22
+
+
+def index_dtype_for(n_rows: int, n_cols: int, nnz: int) -> torch.dtype:
+    """int32 when every index and the nnz count fit in int32 (half the bytes), else int64."""
+    return torch.int32 if max(n_rows, n_cols, nnz) <= _INT32_MAX else torch.int64
+
+
+def check_density(density) -> float:
+    try:
+        d = float(density)
+    except (TypeError, ValueError):
+        raise TypeError(f"density must be a number in [0, 1], got {density!r}") from None
+    if not 0.0 <= d <= 1.0:  # also rejects NaN
+        raise ValueError(f"density must be in [0, 1], got {density!r}")
+    return d
+
+
+def _check_index_dtype(index_dtype):
+    if index_dtype not in (None, torch.int32, torch.int64):
+        raise TypeError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
+
+
+def _random_positions(n_total: int, nnz: int, generator: Optional[torch.Generator]) -> Tensor:
+    """``nnz`` distinct positions in ``[0, n_total)``, uniform over all such subsets, sorted."""
+    if nnz == 0:
+        return torch.empty(0, dtype=torch.long)
+    if n_total <= _RANDPERM_LIMIT or nnz > n_total // 2:
+        return torch.randperm(n_total, generator=generator)[:nnz].sort().values
+    # Draw i.i.d. candidates until there are enough distinct ones, then keep a uniformly random
+    # subset of exactly nnz. By exchangeability the result is uniform over nnz-subsets.
+    found = torch.empty(0, dtype=torch.long)
+    while found.numel() < nnz:
+        need = nnz - found.numel()
+        draw = torch.randint(0, n_total, (need + need // 8 + 16,), generator=generator)
+        found = torch.unique(torch.cat([found, draw]))
+    keep = torch.randperm(found.numel(), generator=generator)[:nnz]
+    return found[keep].sort().values
+
+
+@dataclass(frozen=True)
+class CSRLayout:
+    """Sorted, duplicate-free CSR topology of an (n_rows x n_cols) matrix: ``crow``, ``col``."""
+
+    crow: Tensor
+    col: Tensor
+    shape: Tuple[int, int]
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_positions(cls, positions: Tensor, shape, index_dtype=None) -> "CSRLayout":
+        """From sorted flat row-major positions ``row * n_cols + col`` (int64)."""
+        n_rows, n_cols = int(shape[0]), int(shape[1])
+        _check_index_dtype(index_dtype)
+        positions = positions.to(torch.long)
+        nnz = positions.numel()
+        index_dtype = index_dtype or index_dtype_for(n_rows, n_cols, nnz)
+        if index_dtype == torch.int32 and max(n_rows, n_cols, nnz) > _INT32_MAX:
+            raise ValueError(f"a {n_rows} x {n_cols} layout with {nnz} nonzeros does not fit "
+                             "int32 indices; use index_dtype=torch.int64")
+        if n_cols == 0:
+            rows = cols = positions
+        else:
+            rows = torch.div(positions, n_cols, rounding_mode="floor")
+            cols = positions - rows * n_cols
+        counts = torch.bincount(rows, minlength=n_rows) if nnz else torch.zeros(n_rows, dtype=torch.long)
+        crow = torch.zeros(n_rows + 1, dtype=torch.long)
+        torch.cumsum(counts, 0, out=crow[1:])
+        return cls(crow.to(index_dtype), cols.to(index_dtype), (n_rows, n_cols))
+
+    @classmethod
+    def random(cls, n_rows: int, n_cols: int, nnz: int, *,
+               generator: Optional[torch.Generator] = None, index_dtype=None) -> "CSRLayout":
+        """Exactly ``nnz`` nonzeros at uniformly random distinct positions (Erdos-Renyi)."""
+        n_total = n_rows * n_cols
+        if not 0 <= nnz <= n_total:
+            raise ValueError(f"nnz must be in [0, {n_total}] for a {n_rows} x {n_cols} layout, "
+                             f"got {nnz}")
+        return cls.from_positions(_random_positions(n_total, nnz, generator), (n_rows, n_cols),
+                                  index_dtype)
+
+    @classmethod
+    def from_mask(cls, mask: Tensor, index_dtype=None) -> "CSRLayout":
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dim() != 2:
+            raise ValueError(f"mask must be 2-D (out_features x in_features), got shape "
+                             f"{tuple(mask.shape)}")
+        if mask.is_floating_point() or mask.is_complex():
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("a floating-point mask must contain only 0 and 1")
+        positions = torch.flatten(mask.detach().cpu() != 0).nonzero().flatten()
+        return cls.from_positions(positions, tuple(mask.shape), index_dtype)
+
+    @classmethod
+    def from_tensors(cls, crow: Tensor, col: Tensor, shape) -> "CSRLayout":
+        """From user data: validated (sorted, no duplicates, indices in range)."""
+        layout = cls(crow, col, (int(shape[0]), int(shape[1])))
+        layout.validate()
+        return layout
+
+    # -- queries --------------------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        return self.col.numel()
+
+    def validate(self) -> "CSRLayout":
+        """Raise a clear error if this is not a sorted, duplicate-free CSR of ``shape``."""
+        for name, t in (("crow", self.crow), ("col", self.col)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+        if self.crow.dtype != self.col.dtype:
+            raise TypeError(f"crow and col must have one index dtype, got {self.crow.dtype} and "
+                            f"{self.col.dtype}")
+        ops.csr_check(self.crow.cpu(), self.col.cpu(), self.shape[0], self.shape[1])
+        return self
+
+    def row_indices(self) -> Tensor:
+        counts = (self.crow[1:] - self.crow[:-1]).to(torch.long)
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), counts)
+
+    def positions(self) -> Tensor:
+        """Flat row-major positions ``row * n_cols + col`` (int64), sorted."""
+        return self.row_indices() * self.shape[1] + self.col.to(torch.long)
+
+    def transpose(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(crow_t, col_t, perm)``: the CSR of W^T with ``values_t = values[perm]``."""
+        return ops.csr_transpose(self.crow, self.col, self.shape[1])
+
+    def to_mask(self) -> Tensor:
+        mask = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.bool, device=self.col.device)
+        mask[self.positions()] = True
+        return mask.view(self.shape)
