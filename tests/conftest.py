@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+import torch_nerva  # noqa: F401  (loads the ops)
+
+DTYPES = [torch.float32, torch.float64]
+INDEX_DTYPES = [torch.int32, torch.int64]
+
+
+@pytest.fixture(params=DTYPES, ids=["f32", "f64"])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture(params=INDEX_DTYPES, ids=["i32", "i64"])
+def index_dtype(request):
+    return request.param
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request):
+    if request.param not in torch_nerva.backends.available():
+        pytest.skip(f"backend {request.param} not built")
+    return request.param
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+def tol(dtype):
+    return dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
