@@ -38,7 +38,9 @@ def _replace(model: nn.Module, predicate, make, inplace: bool) -> nn.Module:
     if predicate("", model):
         return convert("", model)
     for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in list(parent._modules.items()):  # keeps shared children
+            if child is None:
+                continue
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             if predicate(full, child):
                 setattr(parent, child_name, convert(full, child))

@@ -10,8 +10,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import backends, ops
+from .layout import csr_tensor
 
 
 def _check_input(x: Tensor, values: Tensor, bias: Optional[Tensor], in_features: int) -> None:
@@ -57,7 +59,7 @@ class _TorchSparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, bias, crow, col, crow_t, col_t, perm):
         out_features, in_features = crow.shape[0] - 1, crow_t.shape[0] - 1
-        w = torch.sparse_csr_tensor(crow, col, values, (out_features, in_features))
+        w = csr_tensor(crow, col, values, (out_features, in_features))
         y = (w @ x.t()).t()
         if bias is not None:
             y = y + bias
@@ -66,16 +68,17 @@ class _TorchSparseLinear(torch.autograd.Function):
         return y.contiguous()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, values, crow, col, crow_t, col_t, perm = ctx.saved_tensors
         out_features, in_features = crow.shape[0] - 1, crow_t.shape[0] - 1
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            wt = torch.sparse_csr_tensor(crow_t, col_t, values[perm.long()],
+            wt = csr_tensor(crow_t, col_t, values[perm.long()],
                                          (in_features, out_features))
             grad_x = (wt @ grad.t()).t()
         if ctx.needs_input_grad[1]:
-            pattern = torch.sparse_csr_tensor(crow, col, torch.zeros_like(values),
+            pattern = csr_tensor(crow, col, torch.zeros_like(values),
                                               (out_features, in_features))
             if values.numel() == 0 or x.shape[0] == 0:
                 grad_values = torch.zeros_like(values)

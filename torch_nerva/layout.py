@@ -5,6 +5,7 @@ dense weight) or asks for one (:meth:`CSRLayout.to_mask`).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -54,6 +55,13 @@ def _random_positions(n_total: int, nnz: int, generator: Optional[torch.Generato
         found = torch.unique(torch.cat([found, draw]))
     keep = torch.randperm(found.numel(), generator=generator)[:nnz]
     return found[keep].sort().values
+
+
+def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
+    """``torch.sparse_csr_tensor`` over validated indices, without torch's beta warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, tuple(shape), check_invariants=False)
 
 
 @dataclass(frozen=True)

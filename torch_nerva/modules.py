@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import backends, functional
 from .init import init_bias, init_values, round_half_up
-from .layout import CSRLayout, _check_index_dtype, check_density
+from .layout import CSRLayout, _check_index_dtype, check_density, csr_tensor
 
 
 def _make_layout(in_features: int, out_features: int, density, mask, nnz, generator,
@@ -142,8 +142,8 @@ class SparseLinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The weight as a ``torch.sparse_csr_tensor`` view of ``values`` (no dense copy)."""
-        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
-                                       (self.out_features, self.in_features))
+        return csr_tensor(self.crow_indices, self.col_indices, self.values,
+                          (self.out_features, self.in_features))
 
     def dense_weight(self) -> Tensor:
         """The (out_features x in_features) dense weight; differentiable w.r.t. ``values``."""

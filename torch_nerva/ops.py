@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 _ops = torch.ops.torch_nerva
 
@@ -100,6 +101,7 @@ def _sparse_linear_setup(ctx, inputs, output):
                           crow, col, crow_t, col_t, perm)
 
 
+@once_differentiable  # double backward raises instead of silently returning zeros
 def _sparse_linear_backward(ctx, grad):
     x, values, crow, col, crow_t, col_t, perm = ctx.saved_tensors
     needs = ctx.needs_input_grad
