@@ -36,7 +36,6 @@ from torch import Tensor, nn
 
 from . import __version__
 from .convert import sparsify, to_masked
-from .layout import check_density
 from .modules import MaskedLinear, SparseLinear
 
 DIGITS_SAMPLES, DIGITS_FEATURES, DIGITS_CLASSES = 1797, 64, 10
@@ -47,8 +46,8 @@ INFERENCE_TIMED_CALLS = 50
 #: Columns of ``results.csv``, in order (the JSON rows also hold the per-epoch lists).
 CSV_FIELDS = (
     "dataset", "density", "nnz_csr", "nnz_mask", "mask_s_per_epoch", "csr_s_per_epoch",
-    "speedup", "best_acc_mask", "best_acc_csr", "drift", "infer_mask_us", "infer_csr_us",
-    "infer_speedup",
+    "speedup", "best_acc_mask", "best_acc_csr", "drift", "drift_steps", "infer_mask_us",
+    "infer_csr_us", "infer_speedup",
 )
 
 
@@ -187,14 +186,30 @@ def batch1_inference_us(models: Sequence[nn.Module], x: Tensor) -> List[float]:
     return [1e6 * statistics.median(t) for t in times]
 
 
+def _median(values: Sequence[float]) -> Optional[float]:
+    """The median of ``values``, or None when there are none."""
+    return statistics.median(values) if values else None
+
+
+def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    """``numerator / denominator``, or None when either is missing or the denominator is 0."""
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
 def compare_density(data: Dataset, density: float, args: argparse.Namespace) -> Dict[str, Any]:
     """Train the masked and CSR twins at ``density`` side by side; returns one result row.
 
     Both twins see the same batches (one shuffled order per epoch from a generator seeded with
     ``args.seed``). Every step is timed separately for each twin, alternating which goes first.
     An epoch's time is the sum of its step times; the very first step of the run is left out
-    as warm-up. ``drift`` is the largest absolute difference between the twins' losses over the
-    first ``args.check_steps`` steps (None when that is 0).
+    as warm-up (an epoch left without timed steps, possible only when it has a single step, is
+    left out of the median, which is None if no epoch is left).
+
+    ``drift`` is the largest absolute difference between the twins' losses over the first
+    ``args.check_steps`` steps (None when that is 0); ``drift_steps`` is how many steps that was
+    (fewer when the run is shorter).
     """
     masked, csr = build_twins(data.in_features, args.hidden, data.num_classes, density,
                               args.seed)
@@ -207,9 +222,8 @@ def compare_density(data: Dataset, density: float, args: argparse.Namespace) -> 
     drift: Optional[float] = None
     step = 0
     for _ in range(args.epochs):
-        for m in twins:
-            m.train()
         epoch_time = [0.0, 0.0]
+        timed = False
         order = torch.randperm(data.x_train.shape[0], generator=order_generator)
         for batch in order.split(args.batch_size):
             x, y = data.x_train[batch], data.y_train[batch]
@@ -218,14 +232,16 @@ def compare_density(data: Dataset, density: float, args: argparse.Namespace) -> 
                 seconds, losses[i] = train_step(twins[i], optimizers[i], x, y)
                 if step > 0:
                     epoch_time[i] += seconds
+                    timed = True
             if step < args.check_steps:
                 drift = max(drift or 0.0, abs(losses[0] - losses[1]))
             step += 1
         for i, m in enumerate(twins):
-            epoch_times[i].append(epoch_time[i])
+            if timed:
+                epoch_times[i].append(epoch_time[i])
             best_acc[i] = max(best_acc[i], accuracy(m, data.x_test, data.y_test))
     infer_mask, infer_csr = batch1_inference_us(twins, data.x_test[:1])
-    mask_s, csr_s = (statistics.median(t) for t in epoch_times)
+    mask_s, csr_s = (_median(t) for t in epoch_times)
     return {
         "dataset": data.name,
         "density": density,
@@ -233,13 +249,14 @@ def compare_density(data: Dataset, density: float, args: argparse.Namespace) -> 
         "nnz_mask": total_nnz(masked),
         "mask_s_per_epoch": mask_s,
         "csr_s_per_epoch": csr_s,
-        "speedup": mask_s / csr_s,
+        "speedup": _ratio(mask_s, csr_s),
         "best_acc_mask": best_acc[0],
         "best_acc_csr": best_acc[1],
         "drift": drift,
+        "drift_steps": min(step, args.check_steps),
         "infer_mask_us": infer_mask,
         "infer_csr_us": infer_csr,
-        "infer_speedup": infer_mask / infer_csr,
+        "infer_speedup": _ratio(infer_mask, infer_csr),
         "mask_epoch_s": epoch_times[0],
         "csr_epoch_s": epoch_times[1],
     }
@@ -268,14 +285,17 @@ def cpu_model() -> str:
 
 
 def git_revision() -> Optional[str]:
-    """``git describe --always --dirty`` of the checkout holding this file, if there is one."""
+    """The commit of the checkout holding this file (``-dirty`` appended when tracked files
+    differ from it), or None outside a git checkout."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"],
-                             cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10, check=True)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=here,
+                               capture_output=True, timeout=10).returncode != 0
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return f"{head}-dirty" if dirty else head
 
 
 def environment(args: argparse.Namespace, data: Dataset) -> Dict[str, Any]:
@@ -296,8 +316,9 @@ def environment(args: argparse.Namespace, data: Dataset) -> Dict[str, Any]:
     }
 
 
-def _fmt(value: Optional[float], spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
+def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
+    """``value`` formatted with ``spec`` and ``suffix``, or "n/a" for None."""
+    return "n/a" if value is None else format(value, spec) + suffix
 
 
 def format_table(rows: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> str:
@@ -312,17 +333,18 @@ def format_table(rows: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     lines = [
         f"threads: {meta['threads']} | CPU: {meta['cpu_model']} | dataset: {meta['dataset']} "
         f"({meta['train_samples']} train / {meta['test_samples']} test) | hidden "
-        f"{' '.join(map(str, args['hidden']))}, {args['epochs']} epochs, batch "
+        f"{' '.join(map(str, args['hidden']))}, epochs {args['epochs']}, batch "
         f"{args['batch_size']}, lr {args['lr']}",
         "  ".join(name.rjust(width) for name, width in columns),
     ]
     lines.append("-" * len(lines[-1]))
     for r in rows:
         cells = [
-            f"{r['density']:g}", str(r["nnz_csr"]), f"{r['mask_s_per_epoch']:.4f}",
-            f"{r['csr_s_per_epoch']:.4f}", f"{r['speedup']:.2f}x", f"{r['best_acc_mask']:.4f}",
-            f"{r['best_acc_csr']:.4f}", _fmt(r["drift"], ".1e"), f"{r['infer_mask_us']:.1f}",
-            f"{r['infer_csr_us']:.1f}", f"{r['infer_speedup']:.2f}x",
+            f"{r['density']:g}", str(r["nnz_csr"]), _fmt(r["mask_s_per_epoch"], ".4f"),
+            _fmt(r["csr_s_per_epoch"], ".4f"), _fmt(r["speedup"], ".2f", "x"),
+            f"{r['best_acc_mask']:.4f}", f"{r['best_acc_csr']:.4f}", _fmt(r["drift"], ".1e"),
+            f"{r['infer_mask_us']:.1f}", f"{r['infer_csr_us']:.1f}",
+            _fmt(r["infer_speedup"], ".2f", "x"),
         ]
         lines.append("  ".join(c.rjust(width) for c, (_, width) in zip(cells, columns)))
     lines += [
@@ -331,8 +353,8 @@ def format_table(rows: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         "s/ep: median over epochs of summed step times (forward + backward + SGD step + "
         "zero_grad), first step of the run excluded; speedup = mask / CSR.",
         f"acc: best test accuracy over epochs; drift: max |loss mask - loss CSR| over the first "
-        f"{args['check_steps']} steps; b1: batch-1 inference, median of "
-        f"{INFERENCE_TIMED_CALLS} calls.",
+        f"{max((r['drift_steps'] for r in rows), default=0)} steps; b1: batch-1 inference, "
+        f"median of {INFERENCE_TIMED_CALLS} calls.",
     ]
     if meta["synthetic"]:
         lines.append("syn-acc: accuracy on SYNTHETIC data (Gaussian features, random linear "
@@ -369,12 +391,9 @@ def _non_negative_int(text: str) -> int:
 
 
 def _density(text: str) -> float:
-    try:
-        value = check_density(float(text))
-    except (TypeError, ValueError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-    if value == 0:
-        raise argparse.ArgumentTypeError("density must be in (0, 1], got 0")
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"density must be in (0, 1], got {text}")
     return value
 
 
