@@ -87,6 +87,16 @@ def test_input_shapes_like_nn_linear():
     torch.testing.assert_close(s(x), m(x))
 
 
+@pytest.mark.parametrize("in_f,out_f", [(0, 4), (5, 0), (0, 0)])
+def test_empty_features(in_f, out_f):
+    s, m = twins(in_f, out_f, density=0.5)
+    x = torch.randn(3, in_f, requires_grad=True)
+    y = s(x)
+    torch.testing.assert_close(y, m(x))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and s.bias.grad.shape == (out_f,)
+
+
 def test_gradients_match_masked_twin_3d(dtype):
     s, m = twins(20, 10, density=0.4, dtype=dtype)
     x = torch.randn(2, 3, 20, dtype=dtype)

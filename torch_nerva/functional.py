@@ -38,7 +38,7 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tenso
     in_features = crow_t.shape[0] - 1
     out_features = crow.shape[0] - 1
     _check_input(x, values, bias, in_features)
-    x2 = x.reshape(-1, in_features)
+    x2 = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # (batch, in); in may be 0
     which = backends.resolve(backend, x.device)
     if which == "native":
         y = ops.sparse_linear(x2, values, bias, crow, col, crow_t, col_t, perm)
