@@ -1,7 +1,7 @@
 """The mask-versus-CSR demo (``python -m torch_nerva.compare``) on tiny settings."""
 import csv
+import importlib.util
 import json
-import sys
 
 import pytest
 import torch
@@ -44,7 +44,9 @@ def test_digits_tiny_run_writes_results(tmp_path, capsys):
 
 
 def test_missing_sklearn_falls_back_to_synthetic(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import fail
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # as if scikit-learn were not installed
+                        lambda name, *a: None if name == "sklearn" else real_find_spec(name, *a))
     assert compare.main(["--epochs", "1", "--densities", "0.1", "--hidden", "64",
                          "--check-steps", "3", "--out", str(tmp_path)]) == 0
     doc = _check_results(tmp_path, [0.1], "synthetic")
@@ -67,3 +69,11 @@ def test_dense_digits_learns():
     (row,) = compare.run(args)
     assert row["best_acc_mask"] > 0.85
     assert row["best_acc_csr"] > 0.85
+
+
+def test_digits_match_scikit_learn_without_importing_it():
+    datasets = pytest.importorskip("sklearn.datasets")
+    x, y = compare._digits()
+    ref = datasets.load_digits()
+    assert torch.equal(x, torch.as_tensor(ref.data, dtype=torch.float32))
+    assert torch.equal(y, torch.as_tensor(ref.target))
