@@ -68,7 +68,49 @@ def _dense_mask(linear: nn.Linear, density, mask) -> Tensor:
     return linear.weight.detach() != 0
 
 
-class SparseLinear(nn.Module):
+class _LinearBase(nn.Module):
+    """What SparseLinear and MaskedLinear share: the constructor and its random stream.
+
+    Random numbers are drawn in one order (topology, then values, then bias), so the two
+    classes built with equally seeded generators hold identical weights.
+    """
+
+    __constants__ = ["in_features", "out_features"]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 density: Optional[float] = None, mask: Optional[Tensor] = None,
+                 nnz: Optional[int] = None, backend: str = "auto", device=None, dtype=None,
+                 generator: Optional[torch.Generator] = None, index_dtype=None) -> None:
+        super().__init__()
+        _check_features(in_features, out_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = backends.check(backend)
+        layout = _make_layout(in_features, out_features, density, mask, nnz, generator,
+                              index_dtype)
+        values = init_values(layout.nnz, in_features, out_features, dtype=dtype,
+                             generator=generator)
+        self._init_weight(layout, values, device)
+        if bias:
+            self.bias = nn.Parameter(init_bias(in_features, out_features, dtype=dtype,
+                                               generator=generator).to(device))
+        else:
+            self.register_parameter("bias", None)
+
+    def _init_weight(self, layout: CSRLayout, values: Tensor, device) -> None:
+        raise NotImplementedError
+
+    @property
+    def nnz(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def density(self) -> float:
+        total = self.in_features * self.out_features
+        return self.nnz / total if total else 0.0
+
+
+class SparseLinear(_LinearBase):
     r"""A drop-in for ``nn.Linear`` whose weight is stored in CSR form only.
 
     ``y = x W^T + b`` with W (out_features x in_features) holding ``nnz`` nonzeros. Trainable
@@ -91,27 +133,8 @@ class SparseLinear(nn.Module):
     initialised Glorot-uniform scaled for the realised density (see :mod:`torch_nerva.init`).
     """
 
-    __constants__ = ["in_features", "out_features"]
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 density: Optional[float] = None, mask: Optional[Tensor] = None,
-                 nnz: Optional[int] = None, backend: str = "auto", device=None, dtype=None,
-                 generator: Optional[torch.Generator] = None, index_dtype=None) -> None:
-        super().__init__()
-        _check_features(in_features, out_features)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.backend = backends.check(backend)
-        layout = _make_layout(in_features, out_features, density, mask, nnz, generator,
-                              index_dtype)
-        values = init_values(layout.nnz, in_features, out_features, dtype=dtype,
-                             generator=generator)
+    def _init_weight(self, layout: CSRLayout, values: Tensor, device) -> None:
         self.values = nn.Parameter(values.to(device))
-        if bias:
-            self.bias = nn.Parameter(init_bias(in_features, out_features, dtype=dtype,
-                                               generator=generator).to(device))
-        else:
-            self.register_parameter("bias", None)
         self._set_layout(layout.crow.to(device), layout.col.to(device))
 
     # -- topology ----------------------------------------------------------------------------
@@ -134,10 +157,6 @@ class SparseLinear(nn.Module):
     def nnz(self) -> int:
         return self.values.numel()
 
-    @property
-    def density(self) -> float:
-        total = self.in_features * self.out_features
-        return self.nnz / total if total else 0.0
 
     @property
     def weight(self) -> Tensor:
@@ -235,7 +254,7 @@ class SparseLinear(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
-class MaskedLinear(nn.Module):
+class MaskedLinear(_LinearBase):
     """The masked baseline of sparse-training papers: ``y = x (weight * mask)^T + bias``.
 
     Same constructor and same initial weights as :class:`SparseLinear` (given equally seeded
@@ -244,39 +263,16 @@ class MaskedLinear(nn.Module):
     :func:`torch_nerva.to_sparse`.
     """
 
-    __constants__ = ["in_features", "out_features"]
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 density: Optional[float] = None, mask: Optional[Tensor] = None,
-                 nnz: Optional[int] = None, backend: str = "auto", device=None, dtype=None,
-                 generator: Optional[torch.Generator] = None, index_dtype=None) -> None:
-        super().__init__()
-        _check_features(in_features, out_features)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.backend = backends.check(backend)
-        layout = _make_layout(in_features, out_features, density, mask, nnz, generator,
-                              index_dtype)
-        values = init_values(layout.nnz, in_features, out_features, dtype=dtype,
-                             generator=generator)
-        weight = values.new_zeros(out_features * in_features)
+    def _init_weight(self, layout: CSRLayout, values: Tensor, device) -> None:
+        weight = values.new_zeros(self.out_features * self.in_features)
         weight[layout.positions()] = values
-        self.weight = nn.Parameter(weight.view(out_features, in_features).to(device))
-        if bias:
-            self.bias = nn.Parameter(init_bias(in_features, out_features, dtype=dtype,
-                                               generator=generator).to(device))
-        else:
-            self.register_parameter("bias", None)
+        self.weight = nn.Parameter(weight.view(self.out_features, self.in_features).to(device))
         self.register_buffer("mask", layout.to_mask().to(device))
 
     @property
     def nnz(self) -> int:
         return int(self.mask.sum())
 
-    @property
-    def density(self) -> float:
-        total = self.in_features * self.out_features
-        return self.nnz / total if total else 0.0
 
     def dense_weight(self) -> Tensor:
         return self.weight * self.mask
