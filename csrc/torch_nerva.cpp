@@ -28,12 +28,22 @@ TORCH_LIBRARY(torch_nerva, m) {
   // CSR of W^T and the permutation with values_t = values[perm]. Rows of the result are
   // sorted by column, so the transpose is itself a valid sorted CSR.
   m.def("csr_transpose(Tensor crow, Tensor col, SymInt n_cols) -> (Tensor, Tensor, Tensor)");
-  // The differentiable layer: Y = X W^T + bias. Autograd is attached in Python
-  // (torch_nerva/ops.py) and calls only csr_spmm (on the transpose) and csr_sddmm.
+  // The differentiable layer: Y = X W^T + bias. Returns (Y, Xt) where Xt is the input
+  // transposed to (in x ld), ld the batch padded to whole vectors, kept for the backward.
+  // Autograd is attached in Python (torch_nerva/ops.py) and calls sparse_linear_backward.
   m.def("sparse_linear(Tensor x, Tensor values, Tensor? bias, Tensor crow, Tensor col, "
-        "Tensor crow_t, Tensor col_t, Tensor perm) -> Tensor");
+        "Tensor crow_t, Tensor col_t, Tensor perm) -> (Tensor, Tensor)");
+  // (dX, dvalues) of sparse_linear from dY and the saved Xt; dY is transposed once for both.
+  // A gradient not asked for is returned as an empty tensor and not computed.
+  m.def("sparse_linear_backward(Tensor grad, Tensor xt, Tensor values, Tensor crow, "
+        "Tensor col, Tensor crow_t, Tensor col_t, Tensor perm, bool input_grad, "
+        "bool values_grad) -> (Tensor, Tensor)");
   // Full validation of a CSR topology (O(nnz)); raises a clear error on the first problem.
   m.def("csr_check(Tensor crow, Tensor col, SymInt n_rows, SymInt n_cols) -> ()");
   // Test helper: how many distinct threads at::parallel_for used for n work items.
   m.def("_parallel_probe(int n) -> Tensor");
+  // Test and benchmark helpers: the kernels' instruction set ("" reads it, a name sets it),
+  // and the instruction sets this CPU supports.
+  m.def("_kernel_isa(str name) -> str");
+  m.def("_supported_isas() -> str[]");
 }

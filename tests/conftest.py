@@ -31,3 +31,16 @@ def gen():
 
 def tol(dtype):
     return dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture(params=["avx512", "avx2", "base"])
+def isa(request):
+    """Runs the test with the native kernels built for each instruction set this CPU has."""
+    from torch_nerva import ops
+
+    if request.param not in ops.supported_isas():
+        pytest.skip(f"this CPU does not support {request.param}")
+    old = ops.kernel_isa()
+    ops.kernel_isa(request.param)
+    yield request.param
+    ops.kernel_isa(old)

@@ -19,8 +19,8 @@ def _transpose_args(layout):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("density", DENSITIES)
-@pytest.mark.parametrize("batch", [0, 1, 6])
-def test_spmm_forward_and_transpose(shape, density, batch, dtype, index_dtype, gen):
+@pytest.mark.parametrize("batch", [0, 1, 6, 16, 37])
+def test_spmm_forward_and_transpose(shape, density, batch, dtype, index_dtype, gen, isa):
     out_f, in_f = shape
     layout, _ = random_layout(out_f, in_f, density, gen, index_dtype,
                               empty_rows=out_f // 4, empty_cols=in_f // 4)
@@ -40,8 +40,8 @@ def test_spmm_forward_and_transpose(shape, density, batch, dtype, index_dtype, g
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("density", DENSITIES)
-@pytest.mark.parametrize("batch", [0, 1, 6, 37])
-def test_sddmm(shape, density, batch, dtype, index_dtype, gen):
+@pytest.mark.parametrize("batch", [0, 1, 6, 16, 37, 70])
+def test_sddmm(shape, density, batch, dtype, index_dtype, gen, isa):
     out_f, in_f = shape
     layout, mask = random_layout(out_f, in_f, density, gen, index_dtype, empty_rows=out_f // 3)
     dy = torch.randn(batch, out_f, dtype=dtype, generator=gen)
@@ -88,12 +88,12 @@ def _linear_inputs(out_f, in_f, batch, density, gen, index_dtype, bias=True):
 @pytest.mark.parametrize("shape,batch,density", [
     ((7, 5), 3, 0.5), ((1, 1), 1, 1.0), ((9, 13), 1, 0.3), ((6, 4), 2, 0.0), ((8, 8), 4, 1.0)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck_sparse_linear(shape, batch, density, bias, index_dtype, gen):
+def test_gradcheck_sparse_linear(shape, batch, density, bias, index_dtype, gen, isa):
     args = _linear_inputs(*shape, batch, density, gen, index_dtype, bias)
     assert torch.autograd.gradcheck(ops.sparse_linear, args)
 
 
-def test_sparse_linear_gradients_match_dense(dtype, index_dtype, gen):
+def test_sparse_linear_gradients_match_dense(dtype, index_dtype, gen, isa):
     x, values, b, crow, col, crow_t, col_t, perm = _linear_inputs(30, 50, 11, 0.2, gen, index_dtype)
     x, values, b = (t.detach().to(dtype).requires_grad_() for t in (x, values, b))
     y = ops.sparse_linear(x, values, b, crow, col, crow_t, col_t, perm)
@@ -114,11 +114,12 @@ def test_sparse_linear_gradients_match_dense(dtype, index_dtype, gen):
 class _OpLog(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.names = []
+        self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((str(func), args, out))
+        return out
 
 
 @pytest.mark.parametrize("x_grad,v_grad", [(False, True), (True, False), (True, True)])
@@ -129,8 +130,25 @@ def test_backward_computes_only_requested_gradients(x_grad, v_grad, gen):
     y = ops.sparse_linear(x, values, b, crow, col, crow_t, col_t, perm)
     with _OpLog() as log:
         y.sum().backward()
-    assert any("csr_spmm" in n for n in log.names) == x_grad
-    assert any("csr_sddmm" in n for n in log.names) == v_grad
+    (call,) = [c for c in log.calls if "sparse_linear_backward" in c[0]]
+    _, args, (grad_x, grad_values) = call
+    assert tuple(args[-2:]) == (x_grad, v_grad)
+    assert grad_x.numel() == (5 * 30 if x_grad else 0)  # not asked for: not computed
+    assert grad_values.numel() == (values.numel() if v_grad else 0)
+    assert (x.grad is not None) == x_grad and (values.grad is not None) == v_grad
+
+
+def test_forward_saves_padded_transpose(gen, dtype):
+    lanes = 64 // torch.empty((), dtype=dtype).element_size()
+    layout, _ = random_layout(7, 11, 0.4, gen)
+    crow_t, col_t, perm = layout.transpose()
+    v = torch.randn(layout.nnz, dtype=dtype, generator=gen)
+    for batch in (1, lanes - 1, lanes, lanes + 1, 3 * lanes + 2):
+        x = torch.randn(batch, 11, dtype=dtype, generator=gen)
+        _, xt = torch.ops.torch_nerva.sparse_linear(x, v, None, layout.crow, layout.col, crow_t,
+                                                    col_t, perm)
+        assert xt.shape == (11, ops.padded_ld(batch, dtype))
+        assert torch.equal(xt[:, :batch], x.t()) and not xt[:, batch:].any()
 
 
 # ---- opcheck: schema, fake kernel, autograd registration, dynamic shapes -------------------
@@ -153,6 +171,12 @@ def _opcheck_cases(gen):
           layout.crow, layout.col, crow_t, col_t, perm)),
         (torch.ops.torch_nerva.sparse_linear.default,
          (x.detach(), v, None, layout.crow, layout.col, crow_t, col_t, perm)),
+        (torch.ops.torch_nerva.sparse_linear_backward.default,
+         (dy, torch.ops.torch_nerva.sparse_linear(x.detach(), v, None, layout.crow, layout.col,
+                                                  crow_t, col_t, perm)[1],
+          v, layout.crow, layout.col, crow_t, col_t, perm, True, True)),
+        (torch.ops.torch_nerva.sparse_linear_backward.default,
+         (dy, v.new_empty(0, 0), v, layout.crow, layout.col, crow_t, col_t, perm, True, False)),
     ]
 
 
@@ -162,7 +186,8 @@ def test_opcheck_all_ops(gen):
         torch.library.opcheck(op, args)
         checked.add(op._schema.name)
     registered = {f"torch_nerva::{n}" for n in
-                  ("csr_spmm", "csr_sddmm", "csr_transpose", "csr_check", "sparse_linear")}
+                  ("csr_spmm", "csr_sddmm", "csr_transpose", "csr_check", "sparse_linear",
+                   "sparse_linear_backward")}
     assert checked == registered
 
 

@@ -8,15 +8,18 @@ The ops (schemas in ``csrc/torch_nerva.cpp``):
 - ``csr_sddmm(grad_out, x, crow, col)``: ``dvalues[k] = sum_b grad_out[b, row(k)] x[b, col(k)]``,
   the weight gradient at W's nonzeros only.
 - ``csr_transpose(crow, col, n_cols)``: CSR of ``W^T`` and ``perm`` with ``values_t = values[perm]``.
-- ``sparse_linear(x, values, bias, crow, col, crow_t, col_t, perm)``: the differentiable layer.
-  Its backward calls only the ops above and computes only the gradients autograd asks for.
-  Double backward is not supported.
+- ``sparse_linear(x, values, bias, crow, col, crow_t, col_t, perm) -> (y, xt)``: the
+  differentiable layer; ``xt`` is the input transposed to (in x ld), ``ld`` the batch padded to
+  whole 64-byte vectors, kept for the backward.
+- ``sparse_linear_backward(grad, xt, values, crow, col, crow_t, col_t, perm, input_grad,
+  values_grad) -> (dx, dvalues)``: both gradients from one transpose of ``grad``; a gradient not
+  asked for is an empty tensor and is not computed. Double backward is not supported.
 - ``csr_check(crow, col, n_rows, n_cols)``: full O(nnz) validation with a clear error.
 
 The kernels check every index they read (a malformed layout raises, it is never read out of
 bounds); sortedness and duplicates are checked by ``csr_check`` when a layout is built.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -44,7 +47,26 @@ def csr_check(crow: Tensor, col: Tensor, n_rows: int, n_cols: int) -> None:
 
 def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tensor, col: Tensor,
                   crow_t: Tensor, col_t: Tensor, perm: Tensor) -> Tensor:
-    return _ops.sparse_linear(x, values, bias, crow, col, crow_t, col_t, perm)
+    """``x W^T + bias`` for a 2-D ``x``, differentiable in ``x``, ``values`` and ``bias``."""
+    return _ops.sparse_linear(x, values, bias, crow, col, crow_t, col_t, perm)[0]
+
+
+def kernel_isa(name: str = "") -> str:
+    """The instruction set of the native kernels ("avx512", "avx2" or "base"); a name selects
+    it (for tests and benchmarks). The default is the best the CPU supports, or the
+    ``TORCH_NERVA_ISA`` environment variable."""
+    return _ops._kernel_isa(name)
+
+
+def supported_isas() -> List[str]:
+    return list(_ops._supported_isas())
+
+
+def padded_ld(batch: int, dtype: torch.dtype) -> int:
+    """The transposed activations' leading dimension: the batch, padded to whole 64-byte
+    vectors once it is at least one vector wide (mirrors ``padded_ld`` in csrc/cpu/kernels.h)."""
+    lanes = 64 // torch.empty((), dtype=dtype).element_size()
+    return batch if batch < lanes else (batch + lanes - 1) // lanes * lanes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +102,17 @@ def _sparse_linear_fake(x, values, bias, crow, col, crow_t, col_t, perm):
     torch._check(x.shape[1] == crow_t.shape[0] - 1,
                  lambda: f"sparse_linear: x has {x.shape[1]} features, layer expects "
                          f"{crow_t.shape[0] - 1}")
-    return x.new_empty((x.shape[0], crow.shape[0] - 1))
+    y = x.new_empty((x.shape[0], crow.shape[0] - 1))
+    xt = x.new_empty((x.shape[1], padded_ld(x.shape[0], x.dtype)))
+    return y, xt
+
+
+@torch.library.register_fake("torch_nerva::sparse_linear_backward")
+def _sparse_linear_backward_fake(grad, xt, values, crow, col, crow_t, col_t, perm, input_grad,
+                                 values_grad):
+    grad_x = grad.new_empty((grad.shape[0], crow_t.shape[0] - 1) if input_grad else (0,))
+    grad_values = grad.new_empty((col.shape[0],) if values_grad else (0,))
+    return grad_x, grad_values
 
 
 @torch.library.register_fake("torch_nerva::_parallel_probe")
@@ -89,26 +121,33 @@ def _parallel_probe_fake(n):
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd of sparse_linear: dX = dY W (csr_spmm on the cached transpose, no atomics),
-# dvalues = SDDMM(dY, X) at W's nonzeros, dbias = sum_b dY.
+# Autograd of sparse_linear: dX = dY W (the SpMM kernel on the cached transpose, no atomics),
+# dvalues = SDDMM(dY, X) at W's nonzeros (from the transposed input saved by the forward),
+# dbias = sum_b dY. Only the gradients autograd asks for are computed.
 
 def _sparse_linear_setup(ctx, inputs, output):
     x, values, bias, crow, col, crow_t, col_t, perm = inputs
+    _, xt = output
+    ctx.mark_non_differentiable(xt)
+    ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
-    # Keep only what the requested gradients need: X for dvalues, values for dX.
-    needs = ctx.needs_input_grad
-    ctx.save_for_backward(x if needs[1] else None, values if needs[0] else None,
-                          crow, col, crow_t, col_t, perm)
+    ctx.save_for_backward(xt if ctx.needs_input_grad[1] else None, values, crow, col, crow_t,
+                          col_t, perm)
 
 
 @once_differentiable  # double backward raises instead of silently returning zeros
-def _sparse_linear_backward(ctx, grad):
-    x, values, crow, col, crow_t, col_t, perm = ctx.saved_tensors
+def _sparse_linear_backward(ctx, grad, _grad_xt):
+    xt, values, crow, col, crow_t, col_t, perm = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grad_x = _ops.csr_spmm(grad, values, crow_t, col_t, perm, None) if needs[0] else None
-    grad_values = _ops.csr_sddmm(grad, x, crow, col) if needs[1] else None
+    if grad is None:
+        return (None,) * 8
+    if xt is None:
+        xt = values.new_empty((0, 0))
+    grad_x, grad_values = _ops.sparse_linear_backward(grad, xt, values, crow, col, crow_t, col_t,
+                                                      perm, needs[0], needs[1])
     grad_bias = grad.sum(0) if (ctx.has_bias and needs[2]) else None
-    return grad_x, grad_values, grad_bias, None, None, None, None, None
+    return (grad_x if needs[0] else None, grad_values if needs[1] else None, grad_bias,
+            None, None, None, None, None)
 
 
 torch.library.register_autograd("torch_nerva::sparse_linear", _sparse_linear_backward,
