@@ -1,6 +1,10 @@
 // The CSR kernels built for one instruction set; see kernels.h and kernels_impl.h.
 #include "kernels.h"
 
+#include <immintrin.h>
+
+#define TORCH_NERVA_AVX2 1
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace torch_nerva {

@@ -135,24 +135,72 @@ void sddmm_rows(const SddmmArgs<S, I>& a, int64_t r0, int64_t r1, KernelError& e
   }
 }
 
-// dst[j * ldd + i] = src[i * lds + j] for i in [i0, i1), j in [j0, j1), in TI x TJ tiles. Keep
-// TI <= 8 when lds is a large power-of-two multiple (those rows share L1 sets), TJ likewise.
-template <int TI, int TJ, typename S>
+// One full micro-tile: dst[j * ldd + i] = src[i * lds + j] for i, j < M (M x M elements).
+#ifdef TORCH_NERVA_AVX2
+constexpr int64_t kMicro = 8;  // elements of a float micro-tile side; doubles use 4
+inline void micro_transpose(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // t0 = a0 b0 a1 b1 | a4 b4 a5 b5 (a, b = rows 0, 1), t2 likewise for rows 2, 3, ...
+  __m256 s[8];
+  s[0] = _mm256_shuffle_ps(t[0], t[2], _MM_SHUFFLE(1, 0, 1, 0));
+  s[1] = _mm256_shuffle_ps(t[0], t[2], _MM_SHUFFLE(3, 2, 3, 2));
+  s[2] = _mm256_shuffle_ps(t[1], t[3], _MM_SHUFFLE(1, 0, 1, 0));
+  s[3] = _mm256_shuffle_ps(t[1], t[3], _MM_SHUFFLE(3, 2, 3, 2));
+  s[4] = _mm256_shuffle_ps(t[4], t[6], _MM_SHUFFLE(1, 0, 1, 0));
+  s[5] = _mm256_shuffle_ps(t[4], t[6], _MM_SHUFFLE(3, 2, 3, 2));
+  s[6] = _mm256_shuffle_ps(t[5], t[7], _MM_SHUFFLE(1, 0, 1, 0));
+  s[7] = _mm256_shuffle_ps(t[5], t[7], _MM_SHUFFLE(3, 2, 3, 2));
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * ldd, _mm256_permute2f128_ps(s[j], s[j + 4], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * ldd, _mm256_permute2f128_ps(s[j], s[j + 4], 0x31));
+  }
+}
+inline void micro_transpose(const double* src, int64_t lds, double* dst, int64_t ldd) {
+  const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + lds);
+  const __m256d r2 = _mm256_loadu_pd(src + 2 * lds), r3 = _mm256_loadu_pd(src + 3 * lds);
+  const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+  const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+  _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
+  _mm256_storeu_pd(dst + ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
+  _mm256_storeu_pd(dst + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
+  _mm256_storeu_pd(dst + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+template <typename S>
+constexpr int64_t micro_side() {
+  return 32 / static_cast<int64_t>(sizeof(S));
+}
+#else
+template <typename S>
+inline void micro_transpose(const S* src, int64_t lds, S* dst, int64_t ldd) {
+  for (int64_t j = 0; j < 4; ++j) {
+    for (int64_t i = 0; i < 4; ++i) dst[j * ldd + i] = src[i * lds + j];
+  }
+}
+template <typename S>
+constexpr int64_t micro_side() {
+  return 4;
+}
+#endif
+
+// dst[j * ldd + i] = src[i * lds + j] for i in [i0, i1), j in [j0, j1): full micro-tiles
+// with the vector kernel, edges element by element.
+template <typename S>
 inline void transpose_tiles(const S* src, int64_t lds, S* dst, int64_t ldd, int64_t i0,
                             int64_t i1, int64_t j0, int64_t j1) {
-  for (int64_t ib = i0; ib < i1; ib += TI) {
-    const int64_t ie = tn_min<int64_t>(ib + TI, i1);
-    for (int64_t jb = j0; jb < j1; jb += TJ) {
-      const int64_t je = tn_min<int64_t>(jb + TJ, j1);
-      if (ie - ib == TI && je - jb == TJ) {
-        for (int64_t j = 0; j < TJ; ++j) {
-          for (int64_t i = 0; i < TI; ++i) dst[(jb + j) * ldd + ib + i] = src[(ib + i) * lds + jb + j];
-        }
-      } else {
-        for (int64_t j = jb; j < je; ++j) {
-          for (int64_t i = ib; i < ie; ++i) dst[j * ldd + i] = src[i * lds + j];
-        }
-      }
+  constexpr int64_t M = micro_side<S>();
+  for (int64_t jb = j0; jb < j1; jb += M) {
+    const int64_t je = tn_min<int64_t>(jb + M, j1);
+    int64_t ib = i0;
+    if (je - jb == M) {
+      for (; ib + M <= i1; ib += M) micro_transpose(src + ib * lds + jb, lds, dst + jb * ldd + ib, ldd);
+    }
+    for (int64_t j = jb; j < je; ++j) {
+      for (int64_t i = ib; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
     }
   }
 }
@@ -160,8 +208,7 @@ inline void transpose_tiles(const S* src, int64_t lds, S* dst, int64_t ldd, int6
 template <typename S>
 void transpose_pad(const S* x, int64_t batch, int64_t n, int64_t ld, S* xt, int64_t i0,
                    int64_t i1) {
-  // x is (batch x n): its rows are the strided side, 8 at a time.
-  transpose_tiles<8, 16, S>(x, n, xt, ld, 0, batch, i0, i1);
+  transpose_tiles<S>(x, n, xt, ld, 0, batch, i0, i1);
   if (ld > batch) {
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t b = batch; b < ld; ++b) xt[i * ld + b] = S(0);
@@ -172,8 +219,7 @@ void transpose_pad(const S* x, int64_t batch, int64_t n, int64_t ld, S* xt, int6
 template <typename S>
 void untranspose(const S* yt, int64_t batch, int64_t n, int64_t ld, S* y, int64_t i0,
                  int64_t i1) {
-  // y is (batch x n): its rows are the strided side, 8 at a time.
-  transpose_tiles<16, 8, S>(yt, ld, y, n, i0, i1, 0, batch);
+  transpose_tiles<S>(yt, ld, y, n, i0, i1, 0, batch);
 }
 
 template <typename S, typename I>
