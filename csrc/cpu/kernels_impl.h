@@ -187,31 +187,42 @@ constexpr int64_t micro_side() {
 }
 #endif
 
-// dst[j * ldd + i] = src[i * lds + j] for i in [i0, i1), j in [j0, j1): full micro-tiles
-// with the vector kernel, edges element by element.
+// dst[j * ldd + i] = src[i * lds + j] over the block [ib, ie) x [jb, je) (at most one
+// micro-tile): the vector kernel when it is full, element by element at the edges.
 template <typename S>
-inline void transpose_tiles(const S* src, int64_t lds, S* dst, int64_t ldd, int64_t i0,
-                            int64_t i1, int64_t j0, int64_t j1) {
+inline void transpose_block(const S* src, int64_t lds, S* dst, int64_t ldd, int64_t ib,
+                            int64_t ie, int64_t jb, int64_t je) {
   constexpr int64_t M = micro_side<S>();
-  for (int64_t jb = j0; jb < j1; jb += M) {
-    const int64_t je = tn_min<int64_t>(jb + M, j1);
-    int64_t ib = i0;
-    if (je - jb == M) {
-      for (; ib + M <= i1; ib += M) micro_transpose(src + ib * lds + jb, lds, dst + jb * ldd + ib, ldd);
-    }
-    for (int64_t j = jb; j < je; ++j) {
-      for (int64_t i = ib; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
-    }
+  if (ie - ib == M && je - jb == M) {
+    micro_transpose(src + ib * lds + jb, lds, dst + jb * ldd + ib, ldd);
+    return;
+  }
+  for (int64_t j = jb; j < je; ++j) {
+    for (int64_t i = ib; i < ie; ++i) dst[j * ldd + i] = src[i * lds + j];
   }
 }
+
+// Features are transposed in panels of kPanel: within a panel every cache line of the strided
+// side (rows of x, or of y) is read or written whole while it is hot, and the panel of the
+// other side stays in L1. Without this, rows a multiple of 4 KiB apart evict each other.
+constexpr int64_t kPanel = 64;
 
 template <typename S>
 void transpose_pad(const S* x, int64_t batch, int64_t n, int64_t ld, S* xt, int64_t i0,
                    int64_t i1) {
-  transpose_tiles<S>(x, n, xt, ld, 0, batch, i0, i1);
-  if (ld > batch) {
-    for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t b = batch; b < ld; ++b) xt[i * ld + b] = S(0);
+  constexpr int64_t M = micro_side<S>();
+  for (int64_t p = i0; p < i1; p += kPanel) {
+    const int64_t pe = tn_min<int64_t>(p + kPanel, i1);
+    for (int64_t b = 0; b < batch; b += M) {
+      const int64_t be = tn_min<int64_t>(b + M, batch);
+      for (int64_t i = p; i < pe; i += M) {
+        transpose_block(x, n, xt, ld, b, be, i, tn_min<int64_t>(i + M, pe));
+      }
+    }
+    if (ld > batch) {
+      for (int64_t i = p; i < pe; ++i) {
+        for (int64_t b = batch; b < ld; ++b) xt[i * ld + b] = S(0);
+      }
     }
   }
 }
@@ -219,7 +230,16 @@ void transpose_pad(const S* x, int64_t batch, int64_t n, int64_t ld, S* xt, int6
 template <typename S>
 void untranspose(const S* yt, int64_t batch, int64_t n, int64_t ld, S* y, int64_t i0,
                  int64_t i1) {
-  transpose_tiles<S>(yt, ld, y, n, i0, i1, 0, batch);
+  constexpr int64_t M = micro_side<S>();
+  for (int64_t p = i0; p < i1; p += kPanel) {
+    const int64_t pe = tn_min<int64_t>(p + kPanel, i1);
+    for (int64_t b = 0; b < batch; b += M) {
+      const int64_t be = tn_min<int64_t>(b + M, batch);
+      for (int64_t i = p; i < pe; i += M) {
+        transpose_block(yt, ld, y, n, i, tn_min<int64_t>(i + M, pe), b, be);
+      }
+    }
+  }
 }
 
 template <typename S, typename I>
