@@ -102,35 +102,88 @@ void spmm_rows(const SpmmArgs<S, I>& a, int64_t r0, int64_t r1, KernelError& err
   }
 }
 
+// sum_b g[b] * x[b] over ld entries: whole vectors in lane order, then a pairwise lane sum
+// (a fixed order, so results do not depend on threads), then the tail (narrow batches only).
+template <typename S>
+inline S reduce_lanes(S* acc) {
+  constexpr int64_t L = lanes<S>();
+  for (int64_t w = L / 2; w > 0; w /= 2) {
+    for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
+  }
+  return acc[0];
+}
+
+template <typename S>
+inline S dot_padded(const S* __restrict__ g, const S* __restrict__ x, int64_t ld) {
+  constexpr int64_t L = lanes<S>();
+  const int64_t whole = ld / L * L;
+  S acc[L];
+  for (int64_t j = 0; j < L; ++j) acc[j] = S(0);
+  for (int64_t b = 0; b < whole; b += L) {
+    for (int64_t j = 0; j < L; ++j) acc[j] += g[b + j] * x[b + j];
+  }
+  S tail = S(0);
+  for (int64_t b = whole; b < ld; ++b) tail += g[b] * x[b];
+  return reduce_lanes<S>(acc) + tail;
+}
+
+// Four dot products against one g: g is loaded once and the four accumulation chains are
+// independent, so the FMA latency is hidden. Same per-product order as dot_padded.
+template <typename S>
+inline void dot4_padded(const S* __restrict__ g, const S* __restrict__ x0,
+                        const S* __restrict__ x1, const S* __restrict__ x2,
+                        const S* __restrict__ x3, int64_t ld, S* out) {
+  constexpr int64_t L = lanes<S>();
+  const int64_t whole = ld / L * L;
+  S a0[L], a1[L], a2[L], a3[L];
+  for (int64_t j = 0; j < L; ++j) a0[j] = a1[j] = a2[j] = a3[j] = S(0);
+  for (int64_t b = 0; b < whole; b += L) {
+    for (int64_t j = 0; j < L; ++j) {
+      const S gv = g[b + j];
+      a0[j] += gv * x0[b + j];
+      a1[j] += gv * x1[b + j];
+      a2[j] += gv * x2[b + j];
+      a3[j] += gv * x3[b + j];
+    }
+  }
+  S t0 = S(0), t1 = S(0), t2 = S(0), t3 = S(0);
+  for (int64_t b = whole; b < ld; ++b) {
+    t0 += g[b] * x0[b];
+    t1 += g[b] * x1[b];
+    t2 += g[b] * x2[b];
+    t3 += g[b] * x3[b];
+  }
+  out[0] = reduce_lanes<S>(a0) + t0;
+  out[1] = reduce_lanes<S>(a1) + t1;
+  out[2] = reduce_lanes<S>(a2) + t2;
+  out[3] = reduce_lanes<S>(a3) + t3;
+}
+
 template <typename S, typename I>
 void sddmm_rows(const SddmmArgs<S, I>& a, int64_t r0, int64_t r1, KernelError& err) {
-  constexpr int64_t L = lanes<S>();
   const int64_t nnz = a.crow[a.n_out];
-  const int64_t whole = a.ld / L * L;
   for (int64_t r = r0; r < r1; ++r) {
     int64_t start, end;
     if (!row_range<S, I>(a.crow, r, nnz, start, end, err)) continue;
     const S* __restrict__ g = a.gt + r * a.ld;
-    for (int64_t k = start; k < end; ++k) {
+    int64_t k = start;
+    for (; k + 4 <= end; k += 4) {
+      const int64_t c0 = a.col[k], c1 = a.col[k + 1], c2 = a.col[k + 2], c3 = a.col[k + 3];
+      if ((uint64_t)c0 >= (uint64_t)a.n_in || (uint64_t)c1 >= (uint64_t)a.n_in ||
+          (uint64_t)c2 >= (uint64_t)a.n_in || (uint64_t)c3 >= (uint64_t)a.n_in) {
+        break;  // the one-by-one loop below records which
+      }
+      dot4_padded<S>(g, a.xt + c0 * a.ld, a.xt + c1 * a.ld, a.xt + c2 * a.ld,
+                     a.xt + c3 * a.ld, a.ld, a.out + k);
+    }
+    for (; k < end; ++k) {
       const int64_t c = a.col[k];
       if (c < 0 || c >= a.n_in) {
         if (err.pos < 0) err.pos = k;
         a.out[k] = S(0);
         continue;
       }
-      const S* __restrict__ xr = a.xt + c * a.ld;
-      S acc[L];
-      for (int64_t j = 0; j < L; ++j) acc[j] = S(0);
-      for (int64_t b = 0; b < whole; b += L) {
-        for (int64_t j = 0; j < L; ++j) acc[j] += g[b + j] * xr[b + j];
-      }
-      S tail = S(0);
-      for (int64_t b = whole; b < a.ld; ++b) tail += g[b] * xr[b];
-      // Pairwise lane sum: fixed order, so results do not depend on threads.
-      for (int64_t w = L / 2; w > 0; w /= 2) {
-        for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
-      }
-      a.out[k] = acc[0] + tail;
+      a.out[k] = dot_padded<S>(g, a.xt + c * a.ld, a.ld);
     }
   }
 }
