@@ -23,7 +23,6 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 _ops = torch.ops.torch_nerva
 
@@ -120,35 +119,6 @@ def _parallel_probe_fake(n):
     return torch.empty((), dtype=torch.long)
 
 
-# ---------------------------------------------------------------------------------------------
-# Autograd of sparse_linear: dX = dY W (the SpMM kernel on the cached transpose, no atomics),
-# dvalues = SDDMM(dY, X) at W's nonzeros (from the transposed input saved by the forward),
-# dbias = sum_b dY. Only the gradients autograd asks for are computed.
-
-def _sparse_linear_setup(ctx, inputs, output):
-    x, values, bias, crow, col, crow_t, col_t, perm = inputs
-    _, xt = output
-    ctx.mark_non_differentiable(xt)
-    ctx.set_materialize_grads(False)
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(xt if ctx.needs_input_grad[1] else None, values, crow, col, crow_t,
-                          col_t, perm)
-
-
-@once_differentiable  # double backward raises instead of silently returning zeros
-def _sparse_linear_backward(ctx, grad, _grad_xt):
-    xt, values, crow, col, crow_t, col_t, perm = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    if grad is None:
-        return (None,) * 8
-    if xt is None:
-        xt = values.new_empty((0, 0))
-    grad_x, grad_values = _ops.sparse_linear_backward(grad, xt, values, crow, col, crow_t, col_t,
-                                                      perm, needs[0], needs[1])
-    grad_bias = grad.sum(0) if (ctx.has_bias and needs[2]) else None
-    return (grad_x if needs[0] else None, grad_values if needs[1] else None, grad_bias,
-            None, None, None, None, None)
-
-
-torch.library.register_autograd("torch_nerva::sparse_linear", _sparse_linear_backward,
-                                setup_context=_sparse_linear_setup)
+# Autograd of sparse_linear is registered in C++ (csrc/autograd.cpp): dX = dY W by the SpMM
+# kernel on the cached transpose, dvalues = SDDMM(dY, X) at W's nonzeros from the transposed
+# input saved by the forward, dbias = sum_b dY; only the gradients autograd asks for.
