@@ -77,8 +77,8 @@ def test_twins_hold_identical_weights_and_outputs(dtype):
     torch.testing.assert_close(s(x), m(x), **tol(dtype))
 
 
-def test_input_shapes_like_nn_linear():
-    s, m = twins(16, 8, density=0.3)
+def test_input_shapes_like_nn_linear(backend):
+    s, m = twins(16, 8, density=0.3, backend=backend)
     for shape in [(16,), (1, 16), (3, 5, 16), (2, 3, 4, 16), (0, 16)]:
         x = torch.randn(*shape)
         assert s(x).shape == shape[:-1] + (8,)
@@ -97,8 +97,8 @@ def test_empty_features(in_f, out_f):
     assert x.grad.shape == x.shape and s.bias.grad.shape == (out_f,)
 
 
-def test_gradients_match_masked_twin_3d(dtype):
-    s, m = twins(20, 10, density=0.4, dtype=dtype)
+def test_gradients_match_masked_twin_3d(dtype, backend):
+    s, m = twins(20, 10, density=0.4, dtype=dtype, backend=backend)
     x = torch.randn(2, 3, 20, dtype=dtype)
     xs, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
     s(xs).pow(2).sum().backward()
@@ -147,10 +147,12 @@ def _train(model, opt, steps, seed=0):
     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
     lambda p: torch.optim.Adam(p, lr=1e-2),
 ], ids=["sgd_nesterov", "adam"])
-def test_twins_train_identically_for_20_steps(make_opt):
+@pytest.mark.parametrize("backend_name", ["auto", "native", "dense"])
+def test_twins_train_identically_for_20_steps(make_opt, backend_name):
     dense = nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
                           nn.Linear(32, 5))
-    sparse = tn.sparsify(dense, 0.2, generator=torch.Generator().manual_seed(0))
+    sparse = tn.sparsify(dense, 0.2, generator=torch.Generator().manual_seed(0),
+                         backend=backend_name)
     masked = tn.to_masked(sparse)
     ls, os_ = _train(sparse, make_opt(sparse.parameters()), 20)
     lm, om = _train(masked, make_opt(masked.parameters()), 20)
@@ -271,7 +273,7 @@ def test_forward_errors():
 
 
 def test_double_backward_is_refused():
-    layer = tn.SparseLinear(6, 4, density=0.5)
+    layer = tn.SparseLinear(6, 4, density=0.5, backend="native")
     x = torch.randn(3, 6, requires_grad=True)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
@@ -286,10 +288,11 @@ def _compiled_step(model, x, compile_):
     return out.detach(), grads
 
 
-def test_torch_compile_fullgraph_forward_backward():
+@pytest.mark.parametrize("backend_name", ["native", "dense"])
+def test_torch_compile_fullgraph_forward_backward(backend_name):
     torch._dynamo.reset()
     model = tn.sparsify(nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)), 0.3,
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0), backend=backend_name)
     x = torch.randn(5, 12)
     eager_out, eager_grads = _compiled_step(model, x, False)
     comp_out, comp_grads = _compiled_step(model, x, True)
@@ -300,3 +303,25 @@ def test_torch_compile_fullgraph_forward_backward():
         x2 = torch.randn(1, 12)
         torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x2),
                                    model(x2))
+
+
+def test_auto_picks_dense_for_small_or_dense_layers_and_native_otherwise():
+    assert tn.SparseLinear(512, 10, density=0.01).resolved_backend == "dense"  # tiny
+    assert tn.SparseLinear(300, 200, density=0.9).resolved_backend == "dense"
+    big = tn.SparseLinear(300, 200, density=0.01)
+    assert big.resolved_backend == "native" and "backend=auto(native)" in repr(big)
+    assert big.dense_positions.numel() == 0  # no dense-path state kept for a sparse layer
+    # A loaded state with another density re-decides.
+    dense_sd = tn.SparseLinear(300, 200, density=0.9).state_dict()
+    big.load_state_dict(dense_sd)
+    assert big.resolved_backend == "dense" and big.dense_positions.numel() == big.nnz
+    x = torch.randn(4, 300)
+    torch.testing.assert_close(big(x), x @ big.dense_weight().t() + big.bias)
+
+
+def test_backend_switch_after_construction_still_correct():
+    layer = tn.SparseLinear(300, 200, density=0.05)
+    x = torch.randn(3, 300)
+    ref = layer(x)
+    layer.backend = "dense"  # positions were not kept: computed on the fly
+    torch.testing.assert_close(layer(x), ref)

@@ -4,11 +4,14 @@
 |---|---|---|
 | ``native`` | torch_nerva's OpenMP CSR kernels, CPU, float32/float64, int32/int64 indices | always |
 | ``torch`` | pure ``torch.sparse`` (CSR matmul, ``sampled_addmm``): a comparator | always |
+| ``dense`` | CSR storage, dense compute: the weight is scattered into a dense matrix for one matmul, and its gradient gathered at the nonzeros | always |
 | ``mkl`` | Intel MKL sparse BLAS | not yet (planned) |
 | ``cusparse`` | cuSPARSE on CUDA tensors | not yet (planned) |
 
-``auto`` resolves per call from the input's device: ``native`` on CPU; on CUDA, ``cusparse``
-when built, else ``torch``.
+``auto`` is decided per layer when its topology is set (no timing at import or at run time):
+``dense`` when :func:`prefer_dense` says the layer is dense or small enough that one dense matmul
+beats the sparse kernels (see the constants below, calibrated with ``benchmarks/kernels.py``),
+otherwise ``native`` on CPU and, on CUDA, ``cusparse`` when built, else ``torch``.
 """
 from __future__ import annotations
 
@@ -18,7 +21,12 @@ import torch
 
 from . import _build_info
 
-NAMES = ("auto", "native", "torch", "mkl", "cusparse")
+NAMES = ("auto", "native", "torch", "dense", "mkl", "cusparse")
+
+#: ``auto`` computes densely from this density on (measured crossover: see README).
+DENSE_DENSITY = 0.3
+#: ... and for layers this small (in x out), where per-call costs dominate any kernel.
+DENSE_SIZE = 16384
 
 _HOW_TO_BUILD = {
     "mkl": "the MKL backend is not implemented in this version of torch_nerva",
@@ -28,7 +36,13 @@ _HOW_TO_BUILD = {
 
 def available() -> List[str]:
     """Backends usable in this build (``"auto"`` not included)."""
-    return list(_build_info.BACKENDS) + ["torch"]
+    return list(_build_info.BACKENDS) + ["torch", "dense"]
+
+
+def prefer_dense(in_features: int, out_features: int, nnz: int) -> bool:
+    """Whether ``auto`` computes this layer densely (see the module docstring)."""
+    size = in_features * out_features
+    return size <= DENSE_SIZE or nnz >= DENSE_DENSITY * size
 
 
 def check(name: str) -> str:
@@ -41,9 +55,12 @@ def check(name: str) -> str:
     return name
 
 
-def resolve(name: str, device: torch.device) -> str:
-    """The concrete backend used for a tensor on ``device``."""
+def resolve(name: str, device: torch.device, dense: bool = False) -> str:
+    """The concrete backend used for a tensor on ``device``; ``dense`` is the layer's
+    :func:`prefer_dense`."""
     if name == "auto":
+        if dense:
+            return "dense"
         if device.type == "cpu":
             return "native"
         return "cusparse" if "cusparse" in available() else "torch"

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import backends, ops
-from .layout import csr_tensor
+from .layout import CSRLayout, csr_tensor
 
 
 def _check_input(x: Tensor, values: Tensor, bias: Optional[Tensor], in_features: int) -> None:
@@ -34,19 +34,34 @@ def _check_input(x: Tensor, values: Tensor, bias: Optional[Tensor], in_features:
 
 
 def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tensor, col: Tensor,
-                  crow_t: Tensor, col_t: Tensor, perm: Tensor, *, backend: str = "auto") -> Tensor:
+                  crow_t: Tensor, col_t: Tensor, perm: Tensor, *, backend: str = "auto",
+                  dense: bool = False, positions: Optional[Tensor] = None) -> Tensor:
+    """``backend="auto"`` resolves with ``dense`` (the layer's :func:`backends.prefer_dense`);
+    ``positions`` (flat row-major, int64) saves the dense path recomputing them."""
     in_features = crow_t.shape[0] - 1
     out_features = crow.shape[0] - 1
     _check_input(x, values, bias, in_features)
     x2 = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # (batch, in); in may be 0
-    which = backends.resolve(backend, x.device)
-    if which == "native":
+    which = backends.resolve(backend, x.device, dense)
+    if which == "dense":
+        if positions is None or positions.numel() != values.numel():
+            positions = CSRLayout(crow, col, (out_features, in_features)).positions()
+        y = dense_linear(x2, values, bias, positions, out_features, in_features)
+    elif which == "native":
         y = ops.sparse_linear(x2, values, bias, crow, col, crow_t, col_t, perm)
     elif which == "torch":
         y = _TorchSparseLinear.apply(x2, values, bias, crow, col, crow_t, col_t, perm)
     else:  # pragma: no cover - backends.check refuses unbuilt names earlier
         raise RuntimeError(f"backend {which!r} is not available")
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def dense_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], positions: Tensor,
+                 out_features: int, in_features: int) -> Tensor:
+    """The ``dense`` backend: scatter the values into a dense weight, one matmul. Autograd
+    gives dvalues as the dense dY^T X gathered at the nonzeros."""
+    w = values.new_zeros(out_features * in_features).scatter(0, positions, values)
+    return torch.nn.functional.linear(x, w.view(out_features, in_features), bias)
 
 
 class _TorchSparseLinear(torch.autograd.Function):

@@ -124,7 +124,8 @@ class SparseLinear(_LinearBase):
             uniformly at random.
         mask: a boolean (out_features x in_features) tensor giving the pattern.
         nnz: the exact number of nonzeros (placed uniformly at random).
-        backend: ``"auto"``, ``"native"`` or ``"torch"`` (see :mod:`torch_nerva.backends`).
+        backend: ``"auto"`` (default), ``"native"``, ``"dense"`` or ``"torch"`` (see
+            :mod:`torch_nerva.backends`). ``auto`` computes small or dense-ish layers densely.
         device, dtype: factory kwargs as in ``nn.Linear``.
         generator: a CPU ``torch.Generator`` for the topology and the initial values.
         index_dtype: ``torch.int32`` or ``torch.int64`` (default: int32 when it fits).
@@ -148,7 +149,23 @@ class SparseLinear(_LinearBase):
         self.register_buffer("crow_indices_t", crow_t.to(device), persistent=False)
         self.register_buffer("col_indices_t", col_t.to(device), persistent=False)
         self.register_buffer("perm_t", perm.to(device), persistent=False)
+        # Decided once per topology: does backend="auto" compute this layer densely?
+        self._prefer_dense = backends.prefer_dense(self.in_features, self.out_features,
+                                                   col.numel())
+        self._update_positions()
 
+    def _update_positions(self) -> None:
+        """Flat positions for the dense path, kept only for layers that may take it."""
+        if self.backend == "dense" or (self.backend == "auto" and self._prefer_dense):
+            positions = self.layout.positions()
+        else:
+            positions = torch.empty(0, dtype=torch.long, device=self.crow_indices.device)
+        self.register_buffer("dense_positions", positions, persistent=False)
+
+    @property
+    def resolved_backend(self) -> str:
+        """What ``backend`` resolves to for this layer on its device."""
+        return backends.resolve(self.backend, self.values.device, self._prefer_dense)
     @property
     def layout(self) -> CSRLayout:
         return CSRLayout(self.crow_indices, self.col_indices, (self.out_features, self.in_features))
@@ -180,7 +197,9 @@ class SparseLinear(_LinearBase):
     def forward(self, input: Tensor) -> Tensor:
         return functional.sparse_linear(input, self.values, self.bias, self.crow_indices,
                                         self.col_indices, self.crow_indices_t,
-                                        self.col_indices_t, self.perm_t, backend=self.backend)
+                                        self.col_indices_t, self.perm_t, backend=self.backend,
+                                        dense=self._prefer_dense,
+                                        positions=self.dense_positions)
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """Re-draw the kept values and the bias (topology unchanged)."""
@@ -194,7 +213,8 @@ class SparseLinear(_LinearBase):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, nnz={self.nnz}, density={self.density:.4g}, "
-                f"backend={self.backend}")
+                f"backend={self.backend}"
+                + (f"({self.resolved_backend})" if self.backend == "auto" else ""))
 
     # -- construction from dense -------------------------------------------------------------
     @classmethod
