@@ -306,8 +306,11 @@ def test_torch_compile_fullgraph_forward_backward(backend_name):
 
 
 def test_auto_picks_dense_for_small_or_dense_layers_and_native_otherwise():
-    assert tn.SparseLinear(512, 10, density=0.01).resolved_backend == "dense"  # tiny
+    assert tn.SparseLinear(512, 10, density=0.01).resolved_backend == "native"
+    assert tn.SparseLinear(512, 10, density=0.6).resolved_backend == "dense"
     assert tn.SparseLinear(300, 200, density=0.9).resolved_backend == "dense"
+    assert tn.SparseLinear(1024, 512, density=0.35).resolved_backend == "dense"
+    assert tn.SparseLinear(1024, 512, density=0.25).resolved_backend == "native"
     big = tn.SparseLinear(300, 200, density=0.01)
     assert big.resolved_backend == "native" and "backend=auto(native)" in repr(big)
     assert big.dense_positions.numel() == 0  # no dense-path state kept for a sparse layer
@@ -317,6 +320,16 @@ def test_auto_picks_dense_for_small_or_dense_layers_and_native_otherwise():
     assert big.resolved_backend == "dense" and big.dense_positions.numel() == big.nnz
     x = torch.randn(4, 300)
     torch.testing.assert_close(big(x), x @ big.dense_weight().t() + big.bias)
+
+
+def test_dense_path_full_density_uses_values_as_weight(dtype):
+    s, m = twins(30, 20, density=1.0, dtype=dtype, backend="dense")
+    x = torch.randn(5, 30, dtype=dtype, requires_grad=True)
+    xm = x.detach().clone().requires_grad_()
+    s(x).pow(2).sum().backward()
+    m(xm).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, xm.grad, **tol(dtype))
+    torch.testing.assert_close(s.values.grad, m.weight.grad.flatten(), **tol(dtype))
 
 
 def test_backend_switch_after_construction_still_correct():

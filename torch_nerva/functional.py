@@ -59,7 +59,10 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tenso
 def dense_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], positions: Tensor,
                  out_features: int, in_features: int) -> Tensor:
     """The ``dense`` backend: scatter the values into a dense weight, one matmul. Autograd
-    gives dvalues as the dense dY^T X gathered at the nonzeros."""
+    gives dvalues as the dense dY^T X gathered at the nonzeros. A full layout is already the
+    row-major dense weight: no scatter."""
+    if values.numel() == out_features * in_features:
+        return torch.nn.functional.linear(x, values.view(out_features, in_features), bias)
     w = values.new_zeros(out_features * in_features).scatter(0, positions, values)
     return torch.nn.functional.linear(x, w.view(out_features, in_features), bias)
 
