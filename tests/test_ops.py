@@ -223,16 +223,17 @@ def test_duplicates_and_unsorted_detected():
         ops.csr_check(crow, torch.tensor([4, 1]), 2, 5)
 
 
-def test_kernels_raise_on_malformed_layouts_instead_of_reading_out_of_bounds(gen):
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_kernels_raise_on_malformed_layouts_instead_of_reading_out_of_bounds(gen, batch, isa):
     crow, col = _good(gen)
-    x = torch.randn(3, 8)
+    x = torch.randn(batch, 8)
     v = torch.randn(col.numel())
     bad_col = col.clone()
     bad_col[1] = 10**9
     with pytest.raises(RuntimeError, match="column index out of range"):
         ops.csr_spmm(x, v, crow, bad_col)
     with pytest.raises(RuntimeError, match="column index out of range"):
-        ops.csr_sddmm(torch.randn(3, 6), x, crow, bad_col)
+        ops.csr_sddmm(torch.randn(batch, 6), x, crow, bad_col)
     with pytest.raises(RuntimeError, match="column index out of range"):
         ops.csr_transpose(crow, bad_col, 8)
     bad_crow = crow.clone()
@@ -240,7 +241,7 @@ def test_kernels_raise_on_malformed_layouts_instead_of_reading_out_of_bounds(gen
     with pytest.raises(RuntimeError, match="row pointer"):
         ops.csr_spmm(x, v, bad_crow, col)
     with pytest.raises(RuntimeError, match="row pointer"):
-        ops.csr_sddmm(torch.randn(3, 6), x, bad_crow, col)
+        ops.csr_sddmm(torch.randn(batch, 6), x, bad_crow, col)
     perm = torch.arange(col.numel())
     perm[0] = col.numel() + 3
     with pytest.raises(RuntimeError, match="perm index out of range"):

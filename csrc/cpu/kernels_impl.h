@@ -80,6 +80,45 @@ inline void spmm_row_narrow(const SpmmArgs<S, I>& a, int64_t r, int64_t start, i
   for (int64_t j = 0; j < a.batch; ++j) a.yt[r * a.ld + j] = acc[j];
 }
 
+// Batch 1 (inference): a sparse dot product per row, four independent partial sums.
+template <typename S, typename I>
+inline void spmm_row_single(const SpmmArgs<S, I>& a, int64_t r, int64_t start, int64_t end,
+                            KernelError& err) {
+  S acc[4] = {S(0), S(0), S(0), S(0)};
+  const uint64_t n_in = (uint64_t)a.n_in, n_values = (uint64_t)a.n_values;
+  int64_t k = start;
+  if (!a.perm) {
+    for (; k + 4 <= end; k += 4) {
+      const int64_t c0 = a.col[k], c1 = a.col[k + 1], c2 = a.col[k + 2], c3 = a.col[k + 3];
+      if ((uint64_t)c0 >= n_in || (uint64_t)c1 >= n_in || (uint64_t)c2 >= n_in ||
+          (uint64_t)c3 >= n_in) {
+        break;  // the checked loop below records which
+      }
+      acc[0] += a.values[k] * a.xt[c0];
+      acc[1] += a.values[k + 1] * a.xt[c1];
+      acc[2] += a.values[k + 2] * a.xt[c2];
+      acc[3] += a.values[k + 3] * a.xt[c3];
+    }
+  }
+  for (; k < end; ++k) {
+    const int64_t c = a.col[k];
+    if ((uint64_t)c >= n_in) {
+      if (err.pos < 0) err.pos = k;
+      continue;
+    }
+    int64_t p = k;
+    if (a.perm) {
+      p = a.perm[k];
+      if ((uint64_t)p >= n_values) {
+        if (err.perm < 0) err.perm = k;
+        continue;
+      }
+    }
+    acc[0] += a.values[p] * a.xt[c];
+  }
+  a.yt[r] = (a.bias ? a.bias[r] : S(0)) + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
+
 template <typename S, typename I>
 void spmm_rows(const SpmmArgs<S, I>& a, int64_t r0, int64_t r1, KernelError& err) {
   constexpr int64_t L = lanes<S>();
@@ -87,6 +126,10 @@ void spmm_rows(const SpmmArgs<S, I>& a, int64_t r0, int64_t r1, KernelError& err
   for (int64_t r = r0; r < r1; ++r) {
     int64_t start, end;
     if (!row_range<S, I>(a.crow, r, nnz, start, end, err)) continue;
+    if (a.batch == 1) {
+      spmm_row_single<S, I>(a, r, start, end, err);
+      continue;
+    }
     if (a.ld < L) {
       spmm_row_narrow<S, I>(a, r, start, end, err);
       continue;
