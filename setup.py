@@ -82,6 +82,7 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "demo": ["scikit-learn"],
-        "test": ["pytest", "scikit-learn", "scipy"],
+        "test": ["pytest", "scikit-learn", "scipy", "matplotlib"],
+        "bench": ["matplotlib"],
     },
 )

@@ -338,3 +338,17 @@ def test_backend_switch_after_construction_still_correct():
     ref = layer(x)
     layer.backend = "dense"  # positions were not kept: computed on the fly
     torch.testing.assert_close(layer(x), ref)
+
+
+def test_auto_dense_layer_uses_native_kernel_for_tiny_batches():
+    from torch.profiler import profile
+
+    layer = tn.SparseLinear(300, 200, density=0.9)
+    assert layer.resolved_backend == "dense"
+    for batch, kernel_expected in ((1, True), (4, True), (5, False)):
+        x = torch.randn(batch, 300)
+        with profile() as prof:
+            y = layer(x)
+        names = {e.name for e in prof.events()}
+        assert ("torch_nerva::sparse_linear" in names) == kernel_expected
+        torch.testing.assert_close(y, x @ layer.dense_weight().t() + layer.bias)

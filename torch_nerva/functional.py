@@ -43,6 +43,10 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tenso
     _check_input(x, values, bias, in_features)
     x2 = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # (batch, in); in may be 0
     which = backends.resolve(backend, x.device, dense)
+    if which == "dense" and backend == "auto" and x2.shape[0] <= backends.DENSE_MIN_BATCH \
+            and x.device.type == "cpu":
+        # A tiny batch costs the native kernel ~nnz work; the dense path >= in x out.
+        which = "native"
     if which == "dense":
         if positions is None or positions.numel() != values.numel():
             positions = CSRLayout(crow, col, (out_features, in_features)).positions()

@@ -1,0 +1,139 @@
+"""Helpers shared by the benchmarks: interleaved timing, run metadata and result files."""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import random
+import shlex
+import statistics
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+import torch_nerva as tn
+
+WARMUP = 3
+
+
+def time_interleaved(calls: Mapping[str, Callable[[], Any]], reps: int, warmup: int = WARMUP,
+                     setup: Optional[Mapping[str, Callable[[], Any]]] = None
+                     ) -> Tuple[Dict[str, List[float]], Dict[str, BaseException]]:
+    """Seconds per call of each ``calls[name]``: ``warmup`` untimed calls each, then ``reps``
+    rounds that call every function once, the order rotated by one each round so that machine
+    noise hits all of them alike. The base order is reshuffled (seeded) every ``len(calls)``
+    rounds, so that no function always follows the same one: a call right after a different
+    op was measured up to ~5 us slower than after itself. ``setup[name]``, if given, runs
+    untimed before each call.
+
+    A function that raises is dropped from then on; returns ``(times, errors)``.
+    """
+    setup = setup or {}
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    errors: Dict[str, BaseException] = {}
+
+    def call(name: str, timed: bool) -> None:
+        try:
+            if name in setup:
+                setup[name]()
+            start = time.perf_counter()
+            calls[name]()
+            if timed:
+                times[name].append(time.perf_counter() - start)
+        except Exception as e:  # recorded, not fatal
+            errors[name] = e
+
+    order = list(calls)
+    for name in order:
+        for _ in range(warmup):
+            if name not in errors:
+                call(name, False)
+    rng = random.Random(0)
+    for rep in range(reps):
+        k = rep % len(order)
+        if k == 0:  # a new base order every len(order) reps: varied predecessors (see above)
+            rng.shuffle(order)
+        for name in order[k:] + order[:k]:
+            if name not in errors:
+                call(name, True)
+    return {n: t for n, t in times.items() if n not in errors}, errors
+
+
+def quartiles(times: Sequence[float]) -> Tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``times``."""
+    if len(times) < 2:
+        return times[0], times[0], times[0]
+    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return q1, med, q3
+
+
+def failure_status(e: BaseException) -> str:
+    """``"oom"`` for an out-of-memory error, else ``"error"``."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e):
+        return "oom"
+    return "error"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_revision() -> Optional[str]:
+    """The commit of this checkout (``-dirty`` when tracked files differ), None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=here,
+                               capture_output=True, timeout=10).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head
+
+
+def environment(settings: Mapping[str, Any]) -> Dict[str, Any]:
+    """Run metadata: versions, build, kernel instruction set, machine, git, date, command."""
+    try:
+        isa = tn.ops.kernel_isa()
+    except AttributeError:
+        isa = None
+    return {
+        "torch_version": torch.__version__,
+        "torch_nerva_version": tn.__version__,
+        "build_info": {k: getattr(tn._build_info, k) for k in dir(tn._build_info) if k.isupper()},
+        "backends": tn.backends.available(),
+        "kernel_isa": isa,
+        "cpu_model": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "git_revision": git_revision(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable] + sys.argv),
+        "settings": dict(settings),
+    }
+
+
+def write_results(out: Path, stem: str, rows: Sequence[Mapping[str, Any]],
+                  fields: Sequence[str], meta: Mapping[str, Any]) -> Path:
+    """Write ``out/stem.csv`` (``fields`` of every row) and the sidecar ``out/stem.json``
+    (``meta``); returns the CSV path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out / f"{stem}.json", "w") as f:
+        json.dump(meta, f, indent=2, default=str)
+    return path

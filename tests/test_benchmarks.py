@@ -1,0 +1,98 @@
+"""Smoke tests of the benchmarks (benchmarks/kernels.py, benchmarks/mlp_step.py) on tiny runs."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import kernels  # noqa: E402
+import mlp_step  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def kernels_csv(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernels")
+    assert kernels.main(["--config", str(ROOT / "configs" / "kernels_quick.toml"), "--reps", "2",
+                         "--out", str(out)]) == 0
+    return out / "kernels.csv"
+
+
+def test_kernels_quick_config(kernels_csv):
+    rows = read_csv(kernels_csv)
+    meta = json.loads(kernels_csv.with_suffix(".json").read_text())
+    assert meta["torch_version"] and meta["settings"]["reps"] == 2
+    points = {(r["in_features"], r["out_features"], r["density"]) for r in rows}
+    assert len(points) == 3
+    for point in points:
+        for mode in kernels.MODES:
+            got = {r["method"]: r for r in rows
+                   if (r["in_features"], r["out_features"], r["density"]) == point
+                   and r["mode"] == mode}
+            for method in ("masked", "torch_sparse_fn", "nerva_auto"):
+                assert got[method]["status"] == "ok", (point, mode, got[method]["note"])
+                assert float(got[method]["median_ms"]) > 0
+                assert float(got[method]["gflops"]) > 0
+            assert float(got["masked"]["ratio"]) == 1.0
+            assert got["nerva_auto"]["backend"] in ("native", "dense")
+
+
+def test_kernels_plot(kernels_csv):
+    pytest.importorskip("matplotlib")
+    png = kernels.plot(kernels_csv, kernels_csv.with_suffix(".png"))
+    assert png.stat().st_size > 0
+
+
+def test_kernels_config_points_and_flags(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("batch = 4\n[[points]]\nin = 8\nout = 4\ndensities = [0.5, 0.25]\n")
+    s = kernels.settings_from(kernels.parse_args(["--config", str(config), "--batch", "6",
+                                                  "--methods", "nerva_auto"]))
+    assert s["points"] == [(8, 4, 0.5), (8, 4, 0.25)] and s["batch"] == 6
+    assert s["methods"] == ["masked", "nerva_auto"]
+    s = kernels.settings_from(kernels.parse_args(["--shapes", "8x4", "2x2", "--densities", "0.5"]))
+    assert s["points"] == [(8, 4, 0.5), (2, 2, 0.5)]
+
+
+def test_mlp_step_tiny(tmp_path):
+    assert mlp_step.main(["--hidden", "16", "8", "--densities", "1", "0.1", "--reps", "2",
+                          "--infer-reps", "3", "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "mlp_step.csv")
+    assert [float(r["density"]) for r in rows] == [1.0, 0.1]
+    for r in rows:
+        assert r["status"] == "ok", r["note"]
+        for key in ("nnz", "masked_ms", "csr_ms", "speedup", "masked_b1_us", "csr_b1_us"):
+            assert float(r[key]) > 0, key
+        assert len(r["backends"].split()) == 3
+    assert json.loads((tmp_path / "mlp_step.json").read_text())["settings"]["hidden"] == [16, 8]
+
+
+def test_kernels_records_mismatch_and_errors(monkeypatch):
+    build = kernels.build
+
+    def broken(name, sparse, masked):
+        layer = build(name, sparse, masked)
+        if name == "nn_linear":
+            with torch.no_grad():
+                layer.bias += 1
+        if name == "torch_sparse_fn":
+            raise MemoryError("no room")
+        return layer
+
+    monkeypatch.setattr(kernels, "build", broken)
+    rows = {r["method"]: r for r in kernels.run_point(8, 4, 0.5, 3, "fwd_bwd",
+                                                       kernels.method_names(), reps=1)}
+    assert rows["nn_linear"]["status"] == "mismatch" and "median_ms" not in rows["nn_linear"]
+    assert rows["torch_sparse_fn"]["status"] == "oom"
+    assert rows["nerva_auto"]["status"] == "ok" and rows["nerva_auto"]["median_ms"] > 0
