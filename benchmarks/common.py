@@ -22,7 +22,7 @@ WARMUP = 3
 
 
 def time_interleaved(calls: Mapping[str, Callable[[], Any]], reps: int, warmup: int = WARMUP,
-                     setup: Optional[Mapping[str, Callable[[], Any]]] = None
+                     setup: Optional[Mapping[str, Callable[[], Any]]] = None, burst: int = 1
                      ) -> Tuple[Dict[str, List[float]], Dict[str, BaseException]]:
     """Seconds per call of each ``calls[name]``: ``warmup`` untimed calls each, then ``reps``
     rounds that call every function once, the order rotated by one each round so that machine
@@ -30,6 +30,10 @@ def time_interleaved(calls: Mapping[str, Callable[[], Any]], reps: int, warmup: 
     rounds, so that no function always follows the same one: a call right after a different
     op was measured up to ~5 us slower than after itself. ``setup[name]``, if given, runs
     untimed before each call.
+
+    With ``burst > 1`` each turn calls a function ``burst`` times in a row and times all but the
+    first, which re-warms the caches the other functions used: the steady state of a training
+    loop that runs only this model. ``burst=1`` times calls that follow other work (colder).
 
     A function that raises is dropped from then on; returns ``(times, errors)``.
     """
@@ -59,8 +63,9 @@ def time_interleaved(calls: Mapping[str, Callable[[], Any]], reps: int, warmup: 
         if k == 0:  # a new base order every len(order) reps: varied predecessors (see above)
             rng.shuffle(order)
         for name in order[k:] + order[:k]:
-            if name not in errors:
-                call(name, True)
+            for i in range(burst):
+                if name not in errors:
+                    call(name, burst == 1 or i > 0)
     return {n: t for n, t in times.items() if n not in errors}, errors
 
 

@@ -60,9 +60,9 @@ def infer_fn(model: nn.Module, x: torch.Tensor):
     return infer
 
 
-def medians(calls: Dict[str, Any], reps: int, scale: float) -> Dict[str, float]:
+def medians(calls: Dict[str, Any], reps: int, scale: float, burst: int) -> Dict[str, float]:
     """Median time of each call (times ``scale``); raises the first error."""
-    times, errors = time_interleaved(calls, reps)
+    times, errors = time_interleaved(calls, reps, burst=burst)
     if errors:
         raise next(iter(errors.values()))
     return {name: quartiles(t)[1] * scale for name, t in times.items()}
@@ -87,11 +87,11 @@ def run_density(density: float, args: argparse.Namespace) -> Dict[str, Any]:
                 row.update(status="mismatch", note=str(e)[:200].replace("\n", " "))
                 return row
         train = medians({"masked": step_fn(masked, x, y, args.lr),
-                         "csr": step_fn(sparse, x, y, args.lr)}, args.reps, 1e3)
+                         "csr": step_fn(sparse, x, y, args.lr)}, args.reps, 1e3, args.burst)
         masked.eval()
         sparse.eval()
         infer = medians({"masked": infer_fn(masked, x[:1]), "csr": infer_fn(sparse, x[:1])},
-                        args.infer_reps, 1e6)
+                        args.infer_reps, 1e6, args.burst)
     except Exception as e:  # recorded, not fatal
         row.update(status=failure_status(e), note=repr(e)[:200].replace("\n", " "))
         return row
@@ -126,6 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--infer-reps", type=int, default=200, help="timed batch-1 forwards per twin")
     p.add_argument("--threads", type=int, help="default: torch's current")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--burst", type=int, default=4,
+                   help="steps per twin per turn; the first of each is untimed (warm caches, "
+                        "as in a loop training one model); 1 times steps right after the other "
+                        "twin's")
     p.add_argument("--out", type=Path, default=Path("results/mlp_step"))
     return p.parse_args(argv)
 
@@ -139,7 +143,8 @@ def main(argv=None) -> int:
     try:
         print(f"# MLP {'-'.join(map(str, [IN_FEATURES, *args.hidden, CLASSES]))}, ER, batch "
               f"{args.batch}, {torch.get_num_threads()} threads; median of {args.reps} "
-              f"interleaved steps, {args.infer_reps} batch-1 forwards; speedup = masked / CSR")
+              f"interleaved steps (bursts of {args.burst}, first untimed), {args.infer_reps} "
+              f"batch-1 forwards; speedup = masked / CSR")
         print(HEADER)
         rows = []
         for density in args.densities:
