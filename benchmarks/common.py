@@ -7,8 +7,6 @@ import json
 import random
 import shlex
 import statistics
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 import torch_nerva as tn
+from torch_nerva.compare import cpu_model, git_revision
 
 WARMUP = 3
 
@@ -82,30 +81,6 @@ def failure_status(e: BaseException) -> str:
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e):
         return "oom"
     return "error"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_revision() -> Optional[str]:
-    """The commit of this checkout (``-dirty`` when tracked files differ), None outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=here,
-                               capture_output=True, timeout=10).returncode != 0
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{head}-dirty" if dirty else head
 
 
 def environment(settings: Mapping[str, Any]) -> Dict[str, Any]:

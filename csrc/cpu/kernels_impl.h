@@ -20,6 +20,27 @@ inline bool row_range(const I* crow, int64_t r, int64_t nnz, int64_t& start, int
   return true;
 }
 
+// Column and value of nonzero k, checking both indices as they are read; false (and the
+// position recorded) for a malformed one, which is then skipped.
+template <typename S, typename I>
+inline bool nonzero(const SpmmArgs<S, I>& a, int64_t k, int64_t& c, S& v, KernelError& err) {
+  c = a.col[k];
+  if (c < 0 || c >= a.n_in) {
+    if (err.pos < 0) err.pos = k;
+    return false;
+  }
+  int64_t p = k;
+  if (a.perm) {
+    p = a.perm[k];
+    if (p < 0 || p >= a.n_values) {
+      if (err.perm < 0) err.perm = k;
+      return false;
+    }
+  }
+  v = a.values[p];
+  return true;
+}
+
 // One output row, batch columns [b0, b0 + NV * L) held in registers.
 template <int NV, typename S, typename I>
 inline void spmm_row_block(const SpmmArgs<S, I>& a, int64_t r, int64_t start, int64_t end,
@@ -30,20 +51,9 @@ inline void spmm_row_block(const SpmmArgs<S, I>& a, int64_t r, int64_t start, in
   const S init = a.bias ? a.bias[r] : S(0);
   for (int64_t j = 0; j < W; ++j) acc[j] = init;
   for (int64_t k = start; k < end; ++k) {
-    const int64_t c = a.col[k];
-    if (c < 0 || c >= a.n_in) {
-      if (err.pos < 0) err.pos = k;
-      continue;
-    }
-    int64_t p = k;
-    if (a.perm) {
-      p = a.perm[k];
-      if (p < 0 || p >= a.n_values) {
-        if (err.perm < 0) err.perm = k;
-        continue;
-      }
-    }
-    const S v = a.values[p];
+    int64_t c;
+    S v;
+    if (!nonzero<S, I>(a, k, c, v, err)) continue;
     const S* __restrict__ xr = a.xt + c * a.ld + b0;
     for (int64_t j = 0; j < W; ++j) acc[j] += v * xr[j];
   }
@@ -60,20 +70,9 @@ inline void spmm_row_narrow(const SpmmArgs<S, I>& a, int64_t r, int64_t start, i
   const S init = a.bias ? a.bias[r] : S(0);
   for (int64_t j = 0; j < a.batch; ++j) acc[j] = init;
   for (int64_t k = start; k < end; ++k) {
-    const int64_t c = a.col[k];
-    if (c < 0 || c >= a.n_in) {
-      if (err.pos < 0) err.pos = k;
-      continue;
-    }
-    int64_t p = k;
-    if (a.perm) {
-      p = a.perm[k];
-      if (p < 0 || p >= a.n_values) {
-        if (err.perm < 0) err.perm = k;
-        continue;
-      }
-    }
-    const S v = a.values[p];
+    int64_t c;
+    S v;
+    if (!nonzero<S, I>(a, k, c, v, err)) continue;
     const S* __restrict__ xr = a.xt + c * a.ld;
     for (int64_t j = 0; j < a.batch; ++j) acc[j] += v * xr[j];
   }
@@ -85,7 +84,7 @@ template <typename S, typename I>
 inline void spmm_row_single(const SpmmArgs<S, I>& a, int64_t r, int64_t start, int64_t end,
                             KernelError& err) {
   S acc[4] = {S(0), S(0), S(0), S(0)};
-  const uint64_t n_in = (uint64_t)a.n_in, n_values = (uint64_t)a.n_values;
+  const uint64_t n_in = (uint64_t)a.n_in;
   int64_t k = start;
   if (!a.perm) {
     for (; k + 4 <= end; k += 4) {
@@ -101,20 +100,9 @@ inline void spmm_row_single(const SpmmArgs<S, I>& a, int64_t r, int64_t start, i
     }
   }
   for (; k < end; ++k) {
-    const int64_t c = a.col[k];
-    if ((uint64_t)c >= n_in) {
-      if (err.pos < 0) err.pos = k;
-      continue;
-    }
-    int64_t p = k;
-    if (a.perm) {
-      p = a.perm[k];
-      if ((uint64_t)p >= n_values) {
-        if (err.perm < 0) err.perm = k;
-        continue;
-      }
-    }
-    acc[0] += a.values[p] * a.xt[c];
+    int64_t c;
+    S v;
+    if (nonzero<S, I>(a, k, c, v, err)) acc[0] += v * a.xt[c];
   }
   a.yt[r] = (a.bias ? a.bias[r] : S(0)) + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
 }
