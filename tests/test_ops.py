@@ -138,17 +138,21 @@ def test_backward_computes_only_requested_gradients(x_grad, v_grad, gen):
     assert (x.grad is not None) == x_grad and (values.grad is not None) == v_grad
 
 
-def test_forward_saves_padded_transpose(gen, dtype):
+@pytest.mark.parametrize("n_out,n_in", [(7, 11), (133, 200)])
+def test_forward_saves_padded_transpose(gen, dtype, isa, n_out, n_in):
+    # (133, 200): several 64-feature panels, edges in both directions, partial vector tiles
     lanes = 64 // torch.empty((), dtype=dtype).element_size()
-    layout, _ = random_layout(7, 11, 0.4, gen)
+    layout, dense = random_layout(n_out, n_in, 0.4, gen)
     crow_t, col_t, perm = layout.transpose()
     v = torch.randn(layout.nnz, dtype=dtype, generator=gen)
-    for batch in (1, lanes - 1, lanes, lanes + 1, 3 * lanes + 2):
-        x = torch.randn(batch, 11, dtype=dtype, generator=gen)
-        _, xt = torch.ops.torch_nerva.sparse_linear(x, v, None, layout.crow, layout.col, crow_t,
+    w = torch.zeros(n_out * n_in, dtype=dtype).scatter(0, layout.positions(), v)
+    for batch in (1, lanes - 1, lanes, lanes + 1, 3 * lanes + 2, 3 * lanes + 4, 100):
+        x = torch.randn(batch, n_in, dtype=dtype, generator=gen)
+        y, xt = torch.ops.torch_nerva.sparse_linear(x, v, None, layout.crow, layout.col, crow_t,
                                                     col_t, perm)
-        assert xt.shape == (11, ops.padded_ld(batch, dtype))
+        assert xt.shape == (n_in, ops.padded_ld(batch, dtype))
         assert torch.equal(xt[:, :batch], x.t()) and not xt[:, batch:].any()
+        torch.testing.assert_close(y, x @ w.view(n_out, n_in).t())
 
 
 # ---- opcheck: schema, fake kernel, autograd registration, dynamic shapes -------------------

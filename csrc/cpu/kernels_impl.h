@@ -222,9 +222,12 @@ void sddmm_rows(const SddmmArgs<S, I>& a, int64_t r0, int64_t r1, KernelError& e
 // One full micro-tile: dst[j * ldd + i] = src[i * lds + j] for i, j < M (M x M elements).
 #ifdef TORCH_NERVA_AVX2
 constexpr int64_t kMicro = 8;  // elements of a float micro-tile side; doubles use 4
-inline void micro_transpose(const float* src, int64_t lds, float* dst, int64_t ldd) {
+// Partial tiles: source rows >= src_rows read as zeros (the padding of a transposed batch) and
+// only the first dst_rows destination rows are stored (the last rows of an untransposed batch).
+inline void micro_transpose(const float* src, int64_t lds, float* dst, int64_t ldd,
+                            int64_t src_rows = 8, int64_t dst_rows = 8) {
   __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; ++i) r[i] = i < src_rows ? _mm256_loadu_ps(src + i * lds) : _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
     t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
@@ -240,19 +243,25 @@ inline void micro_transpose(const float* src, int64_t lds, float* dst, int64_t l
   s[6] = _mm256_shuffle_ps(t[5], t[7], _MM_SHUFFLE(1, 0, 1, 0));
   s[7] = _mm256_shuffle_ps(t[5], t[7], _MM_SHUFFLE(3, 2, 3, 2));
   for (int j = 0; j < 4; ++j) {
-    _mm256_storeu_ps(dst + j * ldd, _mm256_permute2f128_ps(s[j], s[j + 4], 0x20));
-    _mm256_storeu_ps(dst + (j + 4) * ldd, _mm256_permute2f128_ps(s[j], s[j + 4], 0x31));
+    if (j < dst_rows) _mm256_storeu_ps(dst + j * ldd, _mm256_permute2f128_ps(s[j], s[j + 4], 0x20));
+    if (j + 4 < dst_rows) {
+      _mm256_storeu_ps(dst + (j + 4) * ldd, _mm256_permute2f128_ps(s[j], s[j + 4], 0x31));
+    }
   }
 }
-inline void micro_transpose(const double* src, int64_t lds, double* dst, int64_t ldd) {
-  const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + lds);
-  const __m256d r2 = _mm256_loadu_pd(src + 2 * lds), r3 = _mm256_loadu_pd(src + 3 * lds);
+inline void micro_transpose(const double* src, int64_t lds, double* dst, int64_t ldd,
+                            int64_t src_rows = 4, int64_t dst_rows = 4) {
+  const __m256d z = _mm256_setzero_pd();
+  const __m256d r0 = src_rows > 0 ? _mm256_loadu_pd(src) : z;
+  const __m256d r1 = src_rows > 1 ? _mm256_loadu_pd(src + lds) : z;
+  const __m256d r2 = src_rows > 2 ? _mm256_loadu_pd(src + 2 * lds) : z;
+  const __m256d r3 = src_rows > 3 ? _mm256_loadu_pd(src + 3 * lds) : z;
   const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
   const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
-  _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
-  _mm256_storeu_pd(dst + ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
-  _mm256_storeu_pd(dst + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
-  _mm256_storeu_pd(dst + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
+  if (dst_rows > 0) _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
+  if (dst_rows > 1) _mm256_storeu_pd(dst + ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
+  if (dst_rows > 2) _mm256_storeu_pd(dst + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
+  if (dst_rows > 3) _mm256_storeu_pd(dst + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
 }
 template <typename S>
 constexpr int64_t micro_side() {
@@ -260,9 +269,10 @@ constexpr int64_t micro_side() {
 }
 #else
 template <typename S>
-inline void micro_transpose(const S* src, int64_t lds, S* dst, int64_t ldd) {
-  for (int64_t j = 0; j < 4; ++j) {
-    for (int64_t i = 0; i < 4; ++i) dst[j * ldd + i] = src[i * lds + j];
+inline void micro_transpose(const S* src, int64_t lds, S* dst, int64_t ldd, int64_t src_rows = 4,
+                            int64_t dst_rows = 4) {
+  for (int64_t j = 0; j < dst_rows; ++j) {
+    for (int64_t i = 0; i < 4; ++i) dst[j * ldd + i] = i < src_rows ? src[i * lds + j] : S(0);
   }
 }
 template <typename S>
@@ -297,16 +307,22 @@ void transpose_pad(const S* x, int64_t batch, int64_t n, int64_t ld, S* xt, int6
   constexpr int64_t M = micro_side<S>();
   for (int64_t p = i0; p < i1; p += kPanel) {
     const int64_t pe = tn_min<int64_t>(p + kPanel, i1);
-    for (int64_t b = 0; b < batch; b += M) {
+    int64_t b = 0;
+    for (; b < batch; b += M) {
       const int64_t be = tn_min<int64_t>(b + M, batch);
       for (int64_t i = p; i < pe; i += M) {
-        transpose_block(x, n, xt, ld, b, be, i, tn_min<int64_t>(i + M, pe));
+        const int64_t ie = tn_min<int64_t>(i + M, pe);
+        if (be < b + M && b + M <= ld && ie == i + M) {
+          // the last batch rows and the first padding zeros in one vector tile
+          micro_transpose(x + b * n + i, n, xt + i * ld + b, ld, be - b, M);
+        } else {
+          transpose_block(x, n, xt, ld, b, be, i, ie);
+        }
       }
     }
-    if (ld > batch) {
-      for (int64_t i = p; i < pe; ++i) {
-        for (int64_t b = batch; b < ld; ++b) xt[i * ld + b] = S(0);
-      }
+    for (int64_t i = p; i < pe; ++i) {  // padding the tiles above did not cover
+      const int64_t from = (b <= ld && (pe - p) % M == 0) ? b : batch;
+      for (int64_t c = from; c < ld; ++c) xt[i * ld + c] = S(0);
     }
   }
 }
@@ -320,7 +336,13 @@ void untranspose(const S* yt, int64_t batch, int64_t n, int64_t ld, S* y, int64_
     for (int64_t b = 0; b < batch; b += M) {
       const int64_t be = tn_min<int64_t>(b + M, batch);
       for (int64_t i = p; i < pe; i += M) {
-        transpose_block(yt, ld, y, n, i, tn_min<int64_t>(i + M, pe), b, be);
+        const int64_t ie = tn_min<int64_t>(i + M, pe);
+        if (be < b + M && b + M <= ld && ie == i + M) {
+          // a full tile read from yt (its padding columns exist), the last batch rows stored
+          micro_transpose(yt + i * ld + b, ld, y + b * n + i, n, M, be - b);
+        } else {
+          transpose_block(yt, ld, y, n, i, ie, b, be);
+        }
       }
     }
   }
