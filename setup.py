@@ -79,9 +79,9 @@ setup(
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "tomli; python_version < '3.11'"],
     extras_require={
-        "demo": ["scikit-learn"],
+        "demo": ["scikit-learn", "matplotlib"],
         "test": ["pytest", "scikit-learn", "scipy", "matplotlib"],
         "bench": ["matplotlib"],
     },

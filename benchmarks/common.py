@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 import torch_nerva as tn
-from torch_nerva.compare import cpu_model, git_revision
+from torch_nerva.compare.report import cpu_model, git_revision
 
 WARMUP = 3
 

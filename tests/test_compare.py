@@ -1,79 +1,324 @@
-"""The mask-versus-CSR demo (``python -m torch_nerva.compare``) on tiny settings."""
+"""The mask-versus-CSR comparison (``python -m torch_nerva.compare``) on tiny configs."""
 import csv
+import hashlib
 import importlib.util
 import json
+import pickle
+import textwrap
 
+import numpy as np
 import pytest
 import torch
 
 from torch_nerva import compare
+from torch_nerva.compare import config, data, experiments, memory
+
+TINY = """
+title = "tiny"
+
+[[experiment]]
+kind = "density"
+name = "syn"
+dataset = "synthetic-cifar10"
+train_samples = 300
+test_samples = 100
+hidden = [64, 32]
+densities = [1.0, 0.1]
+epochs = 2
+check_steps = 3
+inference_calls = 5
+
+[[experiment]]
+kind = "inference"
+hidden = [32]
+densities = [1.0, 0.1]
+train_samples = 10
+test_samples = 10
+inference_calls = 5
+
+[[experiment]]
+kind = "depth"
+depths = [1, 2]
+width = 64
+steps = 2
+train_samples = 200
+test_samples = 10
+samples_per_epoch = 1000
+
+[[experiment]]
+kind = "width"
+widths = [32, 512]
+layers = 2
+density = 0.05
+steps = 2
+train_samples = 200
+test_samples = 10
+memory_budget_gb = 0.01
+"""
 
 
-def _check_results(out, densities, dataset):
-    """Both result files hold one sane row per density; returns the JSON document."""
-    with open(out / "results.csv", newline="") as f:
-        csv_rows = list(csv.DictReader(f))
-    doc = json.loads((out / "results.json").read_text())
-    assert [float(r["density"]) for r in csv_rows] == densities
-    assert [r["density"] for r in doc["rows"]] == densities
-    assert doc["meta"]["dataset"] == dataset
-    assert doc["meta"]["threads"] == torch.get_num_threads()
-    for row in doc["rows"]:
-        assert row["dataset"] == dataset
-        assert row["nnz_csr"] == row["nnz_mask"] > 0
+def _write(tmp_path, text, name="c.toml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# ---- config ---------------------------------------------------------------------------------
+
+def test_shipped_configs_parse():
+    root = compare.config.default_config_path().parent
+    names = sorted(p.name for p in root.glob("*.toml"))
+    for required in ("quick.toml", "paper.toml", "depth.toml", "width.toml", "inference.toml"):
+        assert required in names
+    for name in names:
+        if name.startswith("kernels"):
+            continue  # the kernel benchmark's own format
+        cfg = config.load(root / name)
+        assert cfg["experiments"]
+    paper = config.load(root / "paper.toml")["experiments"][0]
+    assert paper["epochs"] == 100 and paper["seeds"] == [0, 1, 2] and paper["batch_size"] == 100
+    assert paper["densities"] == [1.0, 0.5, 0.2, 0.1, 0.05, 0.01, 0.005, 0.001]
+    assert config.lr_for(paper, 0.001) == 0.05 and config.lr_for(paper, 0.5) == 0.01
+    quick = {e["kind"] for e in config.load(root / "quick.toml")["experiments"]}
+    assert quick == {"density", "inference", "depth", "width"}
+
+
+@pytest.mark.parametrize("body,message", [
+    ('[[experiment]]\nkind = "density"\ndensitys = [0.1]\n', "unknown keys"),
+    ('[[experiment]]\nkind = "density"\ndensities = [0.1, 1.5]\n', "in (0, 1]"),
+    ('[[experiment]]\nkind = "density"\ndensities = [0.0]\n', "in (0, 1]"),
+    ('[[experiment]]\nkind = "mystery"\n', "kind must be one of"),
+    ('[[experiment]]\nkind = "density"\ndataset = "mnist"\n', "dataset must be one of"),
+    ('[[experiment]]\nkind = "density"\ndensities = [0.1]\nlr = {"0.2" = 0.1}\n',
+     "no learning rate for density 0.1"),
+    ('[[experiment]]\nkind = "width"\nwidths = [0]\n', "positive integers"),
+    ('title = "x"\n', "no [[experiment]]"),
+    ('[[experiment]]\nkind = "density"\nepochs = 0\n', "epochs"),
+    ('[[experiment]\n', "not valid TOML"),
+])
+def test_bad_configs_are_refused_with_the_key_named(tmp_path, body, message):
+    with pytest.raises(config.ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        config.load(_write(tmp_path, body))
+
+
+def test_main_reports_config_errors_without_a_traceback(tmp_path, capsys):
+    assert compare.main(["--config", str(_write(tmp_path, '[[experiment]]\nkind = "x"\n'))]) == 2
+    assert "kind must be one of" in capsys.readouterr().err
+    assert compare.main(["--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_lr_per_density_table():
+    exp = {"lr": {"default": 0.01, "0.1": 0.2}}
+    assert config.lr_for(exp, 0.1) == 0.2 and config.lr_for(exp, 0.5) == 0.01
+    assert config.lr_for({"lr": 0.3}, 0.7) == 0.3
+
+
+# ---- the whole command on a tiny config -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    out = tmp / "out"
+    assert compare.main(["--config", str(_write(tmp, TINY)), "--out", str(out)]) == 0
+    return out
+
+
+def _doc(out, name):
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_density_rows(tiny_run):
+    doc = _doc(tiny_run, "syn")
+    rows = doc["rows"]
+    assert [r["density"] for r in rows] == [1.0, 0.1]
+    assert doc["meta"]["synthetic"] is True and doc["meta"]["threads"] >= 1
+    assert doc["meta"]["cpu_model"] and doc["experiment"]["hidden"] == [64, 32]
+    total = 3072 * 64 + 64 * 32 + 32 * 10
+    assert rows[0]["nnz"] == total and rows[1]["nnz"] == round(0.1 * total)
+    for r in rows:
+        assert len(r["mask_epoch_s"]) == len(r["csr_epoch_s"]) == 2
         for key in ("mask_s_per_epoch", "csr_s_per_epoch", "infer_mask_us", "infer_csr_us"):
-            assert row[key] > 0, key
-        for key in ("best_acc_mask", "best_acc_csr"):
-            assert 0.0 <= row[key] <= 1.0, key
-        assert 0.0 <= row["drift"] < 1e-3
-    return doc
+            assert r[key] > 0, key
+        assert 0 <= r["best_acc_mask"] <= 1 and 0 <= r["best_acc_csr"] <= 1
+        assert r["loss_drift"] < 1e-4 and r["weight_drift"] < 1e-4 and r["drift_steps"] == 3
+        assert r["disk_bytes_csr"] > 0 and r["peak_bytes_csr"] > r["param_bytes_csr"]
+    sparse = rows[1]
+    # The CSR model at density 0.1 holds a fraction of the masked twin's memory, on disk too.
+    assert sparse["param_bytes_csr"] < 0.5 * sparse["param_bytes_mask"]
+    assert sparse["peak_bytes_csr"] < sparse["peak_bytes_mask"]
+    assert sparse["disk_bytes_csr"] < 0.5 * sparse["disk_bytes_mask"]
+    with open(tiny_run / "syn.csv", newline="") as f:
+        assert [float(r["density"]) for r in csv.DictReader(f)] == [1.0, 0.1]
 
 
-def test_digits_tiny_run_writes_results(tmp_path, capsys):
+def test_depth_width_inference_rows(tiny_run):
+    depth = _doc(tiny_run, "depth")["rows"]
+    assert [r["depth"] for r in depth] == [1, 2]
+    assert all(r["mask_s_per_epoch"] > 0 and r["csr_s_per_epoch"] > 0 for r in depth)
+    width = _doc(tiny_run, "width")["rows"]
+    small, big = width
+    assert small["mask_s_per_epoch"] > 0 and small["peak_bytes_mask"] > 0
+    # 512 wide is over the 10 MB budget for the masked twin: skipped before allocating, with
+    # the memory it would need; the CSR model still trains.
+    assert big["estimated_bytes_mask"] > 0.01 * 2**30
+    assert big["mask_s_per_epoch"] is None and big["peak_bytes_mask"] is None
+    assert "masked skipped: would need" in big["note"]
+    assert big["csr_s_per_epoch"] > 0 and big["peak_bytes_csr"] > 0
+    inference = _doc(tiny_run, "inference")["rows"]
+    assert [r["density"] for r in inference] == [1.0, 0.1]
+    assert all(r["infer_csr_us"] > 0 for r in inference)
+
+
+def test_plots_are_written_and_can_be_redrawn(tiny_run, capsys):
+    pytest.importorskip("matplotlib")
+    for name in ("syn_accuracy", "syn_time", "syn_inference", "inference_inference",
+                 "depth_time", "width_time"):
+        assert (tiny_run / f"{name}.png").stat().st_size > 1000, name
+    (tiny_run / "syn_time.png").unlink()
+    assert compare.main(["--plot-only", str(tiny_run)]) == 0
+    assert (tiny_run / "syn_time.png").is_file()
+
+
+def test_only_selects_experiments_and_rejects_unknown_names(tmp_path, capsys):
+    path = _write(tmp_path, TINY)
+    assert compare.main(["--config", str(path), "--out", str(tmp_path / "o"), "--only",
+                         "depth", "--no-plots"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["depth.csv", "depth.json"]
+    assert compare.main(["--config", str(path), "--only", "nope"]) == 2
+    assert "no experiments named" in capsys.readouterr().err
+
+
+def test_digits_twins_learn_the_same():
     pytest.importorskip("sklearn")
-    assert compare.main(["--epochs", "1", "--densities", "1.0", "0.1", "--hidden", "64",
-                         "--out", str(tmp_path)]) == 0
-    doc = _check_results(tmp_path, [1.0, 0.1], "digits")
-    assert doc["meta"]["synthetic"] is False
-    assert doc["meta"]["args"]["hidden"] == [64]
-    nnz = [r["nnz_csr"] for r in doc["rows"]]
-    assert nnz[0] == 64 * 64 + 64 * 10 and nnz[1] == round(0.1 * nnz[0])
-    table = capsys.readouterr().out
-    assert "dataset: digits" in table and "SYNTHETIC" not in table
-    assert len([line for line in table.splitlines() if line.lstrip().startswith("0.1 ")]) == 1
+    exp = config.parse({"experiment": [{"kind": "density", "dataset": "digits",
+                                        "hidden": [64], "densities": [1.0, 0.5], "epochs": 3,
+                                        "lr": 0.05, "check_steps": 40,
+                                        "inference_calls": 3}]})["experiments"][0]
+    d = data.load_data("digits")
+    rows = experiments.run_density(exp, d, lambda s: None)
+    for r in rows:
+        assert r["best_acc_mask"] > 0.85 and r["best_acc_csr"] > 0.85
+        assert abs(r["best_acc_mask"] - r["best_acc_csr"]) <= 1 / d.y_test.numel()
+        assert r["weight_drift"] < 1e-5
 
 
-def test_missing_sklearn_falls_back_to_synthetic(tmp_path, capsys, monkeypatch):
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",  # as if scikit-learn were not installed
-                        lambda name, *a: None if name == "sklearn" else real_find_spec(name, *a))
-    assert compare.main(["--epochs", "1", "--densities", "0.1", "--hidden", "64",
-                         "--check-steps", "3", "--out", str(tmp_path)]) == 0
-    doc = _check_results(tmp_path, [0.1], "synthetic")
-    assert doc["meta"]["synthetic"] is True
-    captured = capsys.readouterr()
-    assert "scikit-learn is not installed" in captured.err
-    assert "SYNTHETIC" in captured.out
-    # The fallback is the same data as asking for the synthetic set explicitly.
-    explicit = compare.load_data("synthetic", seed=0)
-    fallback = compare.load_data("digits", seed=0)
-    assert fallback.name == "synthetic"
-    assert torch.equal(explicit.x_train, fallback.x_train)
-    assert torch.equal(explicit.y_test, fallback.y_test)
-    assert explicit.x_train.shape == (1438, 64) and explicit.num_classes == 10
+# ---- data -------------------------------------------------------------------------------------
+
+def _fake_cifar(root, n_per_batch=6, n_test=5):
+    """CIFAR-10's on-disk format (python pickles) with a few random images."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_per_batch
+        arr = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).tolist()
+        images[name] = (arr, labels)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": arr, "labels": labels, "batch_label": name}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    return images, md5
 
 
-def test_dense_digits_learns():
-    pytest.importorskip("sklearn")
-    args = compare.parse_args(["--epochs", "3", "--densities", "1.0"])
-    (row,) = compare.run(args)
-    assert row["best_acc_mask"] > 0.85
-    assert row["best_acc_csr"] > 0.85
+def test_cifar10_loader_reads_cifar_files(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("torchvision.datasets")
+    images, md5 = _fake_cifar(tmp_path)
+    # torchvision checks the real files' checksums: point it at the generated ones instead.
+    cls = datasets.CIFAR10
+    monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]]
+                                            for i in range(1, 6)])
+    monkeypatch.setattr(cls, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(cls, "meta", {"filename": "batches.meta", "key": "label_names",
+                                      "md5": md5["batches.meta"]})
+    d = data.load_data("cifar10", tmp_path, download=False)
+    assert d.name == "cifar10" and not d.synthetic and d.note == ""
+    assert d.x_train.shape == (30, 3, 32, 32) and d.x_test.shape == (5, 3, 32, 32)
+    first, labels = images["data_batch_1"]
+    assert torch.equal(d.x_train[0].flatten(), torch.from_numpy(first[0]))  # CHW order kept
+    assert d.y_train[:6].tolist() == labels
+    assert d.y_test.tolist() == images["test_batch"][1]
+    x = d.prepare(d.x_train[:4])
+    assert x.shape == (4, 3072) and x.dtype == torch.float32
+    # normalised with the training set's per-channel statistics
+    full = d.prepare(d.x_train).view(30, 3, -1)
+    assert full.mean(dim=(0, 2)).abs().max() < 1e-4
+    assert (full.std(dim=(0, 2)) - 1).abs().max() < 1e-2
+    aug = d.prepare(d.x_train[:4], augment=True, generator=torch.Generator().manual_seed(0))
+    assert aug.shape == (4, 3072) and not torch.equal(aug, x)
+
+
+def test_missing_cifar10_falls_back_to_synthetic_with_a_notice(tmp_path, capsys):
+    d = data.load_data("cifar10", tmp_path / "empty", download=False, train_samples=50,
+                       test_samples=20)
+    assert d.name == "synthetic-cifar10" and d.synthetic
+    assert d.x_train.shape == (50, 3, 32, 32) and d.x_test.shape == (20, 3, 32, 32)
+    err = capsys.readouterr().err
+    assert "CIFAR-10 is not in" in err and "accuracy is not" in err
+    assert "CIFAR-10 is not in" in d.note
+
+
+def test_missing_sklearn_falls_back_to_synthetic_digits(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sklearn" else real(name, *a))
+    d = data.load_data("digits")
+    assert d.name == "synthetic-digits" and d.x_train.shape == (1438, 64)
+    assert "scikit-learn is not installed" in capsys.readouterr().err
+    assert torch.equal(d.x_train, data.load_data("synthetic-digits").x_train)
 
 
 def test_digits_match_scikit_learn_without_importing_it():
     datasets = pytest.importorskip("sklearn.datasets")
-    x, y = compare._digits()
+    x, y = data.digits_arrays()
     ref = datasets.load_digits()
     assert torch.equal(x, torch.as_tensor(ref.data, dtype=torch.float32))
     assert torch.equal(y, torch.as_tensor(ref.target))
+
+
+def test_random_crop_flip_takes_shifted_windows():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    out = data.random_crop_flip(x, g, padding=2)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        found = any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1))
+                    for oy in range(5) for ox in range(5)
+                    for w in [padded[i, :, oy:oy + 8, ox:ox + 8]])
+        assert found
+    flips = data.random_crop_flip(x[:1].expand(64, 3, 8, 8), g, padding=0)
+    n_flipped = sum(torch.equal(f, x[0].flip(-1)) for f in flips)
+    assert 0 < n_flipped < 64  # both happen
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+def test_tracker_counts_live_tensors_once():
+    tracker = memory.TensorMemoryTracker()
+    with tracker:
+        a = torch.ones(1000)          # 4000 bytes
+        b = a.view(10, 100)           # a view: nothing new
+        a.add_(1)                     # in place: nothing new
+        del a, b
+        c = torch.ones(500)           # 2000 bytes, after a was freed
+        d = torch.ones(250)           # 1000 bytes
+    assert tracker.peak == 4000
+    assert tracker.current == 3000
+    del c, d
+
+
+def test_masked_estimate_bounds_the_measured_step():
+    sizes = [3072, 256, 128, 10]
+    masked, csr = experiments.build_twins(sizes, 0.05, 0)
+    x, y = torch.randn(100, 3072), torch.randint(0, 10, (100,))
+    exp = {"momentum": 0.9, "nesterov": True, "weight_decay": 0.0}
+    for model, is_masked in ((masked, True), (csr, False)):
+        opt = experiments.make_optimizer(model, exp, 0.01)
+        experiments.train_step(model, opt, x, y)
+        peak = experiments.step_memory(model, opt, x, y)
+        est = memory.estimate_training_bytes(sizes, experiments.layer_nnz(csr), 100, is_masked)
+        assert peak <= est <= 3 * peak, (is_masked, peak, est)

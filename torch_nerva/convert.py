@@ -56,7 +56,8 @@ def _is_linear(name, module) -> bool:
 def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
              filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, inplace: bool = False,
              backend: str = "auto", generator: Optional[torch.Generator] = None,
-             init: str = "xavier", index_dtype=None) -> nn.Module:
+             init: str = "xavier", index_dtype=None,
+             device: Optional[torch.device] = None) -> nn.Module:
     """Replace the ``nn.Linear`` layers of ``model`` by :class:`SparseLinear`.
 
     Per-layer densities follow ``distribution`` ("uniform", "er" or "erk"; see
@@ -68,8 +69,17 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
     Glorot-uniform scaled for the realised density, biases as ``nn.Linear`` (sparse training
     from scratch). ``init="magnitude"`` keeps each layer's largest-magnitude existing weights
     and its bias instead (pruning a trained model).
+
+    ``device`` places the new layers (default: each replaced layer's device). With it, a model
+    built on the ``meta`` device is a shape template whose dense weights are never allocated:
+    ``with torch.device("meta"): template = make_model()``, then
+    ``sparsify(template, 0.001, device="cpu")`` for layers far too big to hold densely (the
+    rest of the model must hold no other meta tensors).
     """
     density = check_density(density)
+    if device is not None and init == "magnitude":
+        raise ValueError("device= places freshly initialised layers; init='magnitude' keeps the "
+                         "existing weights, on their device")
     if init not in ("xavier", "magnitude"):
         raise ValueError(f"init must be 'xavier' or 'magnitude', got {init!r}")
 
@@ -87,7 +97,9 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
                                             index_dtype=index_dtype)
         else:
             layer = SparseLinear(m.in_features, m.out_features, m.bias is not None, nnz=k,
-                                 backend=backend, device=m.weight.device, dtype=m.weight.dtype,
+                                 backend=backend,
+                                 device=m.weight.device if device is None else device,
+                                 dtype=m.weight.dtype,
                                  generator=generator, index_dtype=index_dtype)
         built[id(m)] = layer
 

@@ -1,0 +1,250 @@
+"""Experiment configs for ``python -m torch_nerva.compare --config FILE.toml``.
+
+A config is a TOML file with an optional top-level ``title`` and a list of ``[[experiment]]``
+tables, each with a ``kind``:
+
+- ``density``: the paper's main experiment. For every density and seed, an MLP is sparsified once
+  (ER/ERK/uniform), its masked twin made with ``to_masked`` (bit-identical weights), and both are
+  trained on the same batches in one process. Reports time per epoch, best test accuracy,
+  batch-1 inference time, parameter bytes, peak tensor memory of a training step, on-disk size
+  and the twins' drift over the first ``check_steps`` steps.
+- ``inference``: batch-1 inference time only (no training), per density.
+- ``depth``: time per epoch for 1..N hidden layers of one width at one density.
+- ``width``: time per epoch and memory for a fixed number of hidden layers of growing width; the
+  masked twin is skipped, with the memory it would need, when that exceeds the budget.
+
+Every key and its default is in :data:`DEFAULTS`; unknown keys are errors (a typo must not be
+silently ignored). ``lr`` is a number, or a table from density (as a string, ``"0.01"``) to the
+learning rate, with an optional ``default``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+KINDS = ("density", "inference", "depth", "width")
+DATASETS = ("cifar10", "digits", "synthetic-cifar10", "synthetic-digits")
+
+_COMMON = {
+    "name": None,              # defaults to the kind (made unique by a suffix)
+    "dataset": "cifar10",      # see DATASETS; cifar10 falls back to synthetic-cifar10
+    "data_dir": "data",        # where CIFAR-10 is looked for (and downloaded to)
+    "download": True,          # try to download CIFAR-10 when it is not in data_dir
+    "train_samples": 0,        # 0 = all; else the first n of a seeded permutation
+    "test_samples": 0,
+    "augment": True,           # CIFAR-10 only: random crop (padding 4) + horizontal flip
+    "distribution": "er",
+    "batch_size": 100,
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 0.0,
+    "seeds": [0],
+    "threads": 0,              # 0 = the process setting
+}
+
+DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "density": {
+        **_COMMON,
+        "hidden": [1024, 512],
+        "densities": [1.0, 0.1, 0.01],
+        "epochs": 2,
+        "lr": 0.01,
+        "lr_milestones": [0.5, 0.75],  # fractions of the epochs where lr is multiplied by gamma
+        "lr_gamma": 0.1,
+        "check_steps": 10,             # steps over which the twins' drift is measured
+        "inference_calls": 100,
+        "eval_every": 1,               # epochs between test evaluations (and the last one)
+    },
+    "inference": {
+        **_COMMON,
+        "dataset": "synthetic-cifar10",
+        "hidden": [1024, 512],
+        "densities": [1.0, 0.1, 0.01, 0.001],
+        "inference_calls": 200,
+    },
+    "depth": {
+        **_COMMON,
+        "dataset": "synthetic-cifar10",
+        "depths": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+        "width": 1024,
+        "density": 0.01,
+        "steps": 20,                   # timed steps per model (after one warm-up step)
+        "samples_per_epoch": 50000,    # epoch time = median step time x steps per epoch
+        "lr": 0.01,
+    },
+    "width": {
+        **_COMMON,
+        "dataset": "synthetic-cifar10",
+        "widths": [1024, 2048, 4096, 8192, 16384, 32768],
+        "layers": 3,
+        "density": 0.001,
+        "steps": 5,
+        "samples_per_epoch": 50000,
+        "lr": 0.01,
+        "memory_budget_gb": 0.0,       # 0 = 80% of the memory available at the start
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be run; the message names the file, experiment and key."""
+
+
+def _fail(where: str, message: str) -> None:
+    raise ConfigError(f"{where}: {message}")
+
+
+def _check_density(where: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        _fail(where, f"{key} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_positive_ints(where: str, key: str, value: Any, allow_zero: bool = False) -> None:
+    values = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        _fail(where, f"{key} must not be empty")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+            _fail(where, f"{key} must hold {'non-negative' if allow_zero else 'positive'} "
+                         f"integers, got {value!r}")
+
+
+def lr_for(exp: Dict[str, Any], density: float) -> float:
+    """The learning rate of ``exp`` at ``density`` (``lr`` is a number or a table)."""
+    lr = exp["lr"]
+    if not isinstance(lr, dict):
+        return float(lr)
+    for key, value in lr.items():
+        if key != "default" and math.isclose(float(key), density, rel_tol=1e-9):
+            return float(value)
+    return float(lr["default"])
+
+
+def _validate(exp: Dict[str, Any], where: str) -> None:
+    kind = exp["kind"]
+    if exp["dataset"] not in DATASETS:
+        _fail(where, f"dataset must be one of {', '.join(DATASETS)}, got {exp['dataset']!r}")
+    if exp["distribution"] not in ("uniform", "er", "erk"):
+        _fail(where, f"distribution must be uniform, er or erk, got {exp['distribution']!r}")
+    _check_positive_ints(where, "batch_size", exp["batch_size"])
+    _check_positive_ints(where, "seeds", exp["seeds"], allow_zero=True)
+    _check_positive_ints(where, "threads", exp["threads"], allow_zero=True)
+    _check_positive_ints(where, "train_samples", exp["train_samples"], allow_zero=True)
+    _check_positive_ints(where, "test_samples", exp["test_samples"], allow_zero=True)
+    if not 0 <= exp["momentum"] < 1:
+        _fail(where, f"momentum must be in [0, 1), got {exp['momentum']!r}")
+    if kind in ("density", "inference"):
+        _check_positive_ints(where, "hidden", exp["hidden"])
+        if not isinstance(exp["densities"], list) or not exp["densities"]:
+            _fail(where, "densities must be a non-empty list")
+        exp["densities"] = [_check_density(where, "densities", d) for d in exp["densities"]]
+    if kind in ("depth", "width"):
+        exp["density"] = _check_density(where, "density", exp["density"])
+        _check_positive_ints(where, "steps", exp["steps"])
+        _check_positive_ints(where, "samples_per_epoch", exp["samples_per_epoch"])
+    if kind == "depth":
+        _check_positive_ints(where, "depths", exp["depths"])
+        _check_positive_ints(where, "width", exp["width"])
+    if kind == "width":
+        _check_positive_ints(where, "widths", exp["widths"])
+        _check_positive_ints(where, "layers", exp["layers"])
+        if exp["memory_budget_gb"] < 0:
+            _fail(where, "memory_budget_gb must be >= 0 (0 = what the machine has available)")
+    if kind == "density":
+        _check_positive_ints(where, "epochs", exp["epochs"])
+        _check_positive_ints(where, "check_steps", exp["check_steps"], allow_zero=True)
+        _check_positive_ints(where, "eval_every", exp["eval_every"])
+        if any(not 0 < m <= 1 for m in exp["lr_milestones"]):
+            _fail(where, f"lr_milestones are fractions of the epochs in (0, 1], got "
+                         f"{exp['lr_milestones']!r}")
+    if kind in ("density", "inference"):
+        _check_positive_ints(where, "inference_calls", exp["inference_calls"])
+    if "lr" in exp:
+        lr = exp["lr"]
+        if isinstance(lr, dict):
+            for key, value in lr.items():
+                if key != "default":
+                    try:
+                        float(key)
+                    except ValueError:
+                        _fail(where, f"lr keys must be densities like \"0.01\" or \"default\", "
+                                     f"got {key!r}")
+                if not isinstance(value, (int, float)) or value <= 0:
+                    _fail(where, f"lr[{key!r}] must be a positive number, got {value!r}")
+            densities = exp["densities"] if "densities" in exp else [exp["density"]]
+            for d in densities:
+                try:
+                    lr_for(exp, d)
+                except KeyError:
+                    _fail(where, f"no learning rate for density {d:g}: add \"{d:g}\" or "
+                                 f"\"default\" to lr")
+        elif isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+            _fail(where, f"lr must be a positive number or a table, got {lr!r}")
+
+
+def parse(doc: Dict[str, Any], source: str = "<config>") -> Dict[str, Any]:
+    """Validate a parsed TOML document; returns ``{"title", "experiments": [...]}`` with every
+    experiment completed from :data:`DEFAULTS`."""
+    unknown = set(doc) - {"title", "experiment"}
+    if unknown:
+        _fail(source, f"unknown top-level keys {sorted(unknown)} (expected title and "
+                      f"[[experiment]] tables)")
+    raw = doc.get("experiment", [])
+    if not isinstance(raw, list) or not raw:
+        _fail(source, "no [[experiment]] tables")
+    experiments: List[Dict[str, Any]] = []
+    names = set()
+    for i, item in enumerate(raw):
+        where = f"{source}: experiment {i + 1}"
+        kind = item.get("kind")
+        if kind not in KINDS:
+            _fail(where, f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        allowed = DEFAULTS[kind]
+        unknown = set(item) - set(allowed) - {"kind"}
+        if unknown:
+            _fail(where, f"unknown keys for kind {kind!r}: {sorted(unknown)} (allowed: "
+                         f"{', '.join(sorted(allowed))})")
+        exp = copy.deepcopy(allowed)
+        exp.update(copy.deepcopy(item))
+        exp["kind"] = kind
+        name = exp["name"] or kind
+        base, n = name, 2
+        while name in names:
+            name, n = f"{base}-{n}", n + 1
+        names.add(name)
+        exp["name"] = name
+        _validate(exp, f"{source}: experiment {name!r}")
+        experiments.append(exp)
+    return {"title": doc.get("title", Path(source).stem), "experiments": experiments}
+
+
+def load(path: Path) -> Dict[str, Any]:
+    """Read and validate the TOML config at ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(doc, str(path))
+
+
+def default_config_path() -> Optional[Path]:
+    """``configs/quick.toml`` in the working directory, else in the source checkout that holds
+    this package (an editable install), else None."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        candidate = root / "configs" / "quick.toml"
+        if candidate.is_file():
+            return candidate
+    return None

@@ -1,0 +1,391 @@
+"""The experiments of the comparison (see :mod:`torch_nerva.compare.config` for their keys).
+
+Every experiment builds the CSR model once with :func:`~torch_nerva.sparsify` and its masked twin
+with :func:`~torch_nerva.to_masked` (bit-identical initial weights and mask), and times the two
+alternately in one process: step by step, with the order swapped every step, so that slow drifts
+of the machine affect both alike. Only forward, backward, optimizer step and zero_grad are
+timed; data preparation and evaluation are not, and the first step of a run is warm-up.
+"""
+from __future__ import annotations
+
+import io
+import math
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..convert import sparsify, to_masked
+from ..modules import MaskedLinear, SparseLinear
+from . import memory
+from .config import lr_for
+from .data import Dataset
+
+try:  # progress bars are a convenience: without tqdm the runs are just quiet
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+Row = Dict[str, Any]
+
+
+# -- models ------------------------------------------------------------------------------------
+def mlp_template(sizes: Sequence[int]) -> nn.Sequential:
+    """A ReLU MLP with layer widths ``sizes`` on the meta device: shapes only, no memory."""
+    layers: List[nn.Module] = []
+    with torch.device("meta"):
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            if i:
+                layers.append(nn.ReLU())
+            layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+def build_csr(sizes: Sequence[int], density: float, seed: int,
+              distribution: str = "er") -> nn.Module:
+    """The CSR MLP: topology and values drawn from a generator seeded with ``seed``."""
+    return sparsify(mlp_template(sizes), density, distribution=distribution, device="cpu",
+                    generator=torch.Generator().manual_seed(seed))
+
+
+def build_twins(sizes: Sequence[int], density: float, seed: int,
+                distribution: str = "er") -> Tuple[nn.Module, nn.Module]:
+    """(masked, CSR) twins of the ReLU MLP with layer widths ``sizes``."""
+    csr = build_csr(sizes, density, seed, distribution)
+    return to_masked(csr), csr
+
+
+def layer_nnz(model: nn.Module) -> List[int]:
+    return [m.nnz for m in model.modules() if isinstance(m, (SparseLinear, MaskedLinear))]
+
+
+def disk_bytes(model: nn.Module) -> int:
+    """Size of ``torch.save(model.state_dict())``."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def make_optimizer(model: nn.Module, exp: Dict[str, Any], lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=exp["momentum"],
+                           nesterov=exp["nesterov"] and exp["momentum"] > 0,
+                           weight_decay=exp["weight_decay"])
+
+
+# -- steps and timing --------------------------------------------------------------------------
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor,
+               y: Tensor) -> Tuple[float, float]:
+    """One step; returns (seconds for forward + backward + step + zero_grad, loss)."""
+    start = time.perf_counter()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return time.perf_counter() - start, loss.item()
+
+
+def step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor,
+                y: Tensor) -> int:
+    """Peak tensor bytes of one training step: the model, the optimizer's state and every
+    tensor the step creates, alive at once (see :class:`memory.TensorMemoryTracker`)."""
+    base = memory.model_bytes(model) + memory.optimizer_bytes(optimizer)
+    tracker = memory.TensorMemoryTracker()
+    with tracker:
+        train_step(model, optimizer, x, y)
+    return base + tracker.peak
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 1000) -> float:
+    """Fraction of ``x`` classified as ``y`` in eval mode (the mode is restored)."""
+    if y.numel() == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    correct = sum((model(xc).argmax(dim=1) == yc).sum().item()
+                  for xc, yc in zip(x.split(chunk), y.split(chunk)))
+    model.train(was_training)
+    return correct / y.numel()
+
+
+@torch.no_grad()
+def batch1_inference_us(models: Sequence[nn.Module], x: Tensor, calls: int) -> List[float]:
+    """Median microseconds of a batch-1 forward per model (eval mode, no_grad), after warm-up,
+    the models timed call by call in turn with the order rotated."""
+    x = x[:1]
+    for model in models:
+        model.eval()
+        for _ in range(10):
+            model(x)
+    times: List[List[float]] = [[] for _ in models]
+    for call in range(calls):
+        for k in range(len(models)):
+            i = (call + k) % len(models)
+            start = time.perf_counter()
+            models[i](x)
+            times[i].append(time.perf_counter() - start)
+    for model in models:
+        model.train()
+    return [1e6 * statistics.median(t) for t in times]
+
+
+def _median(values: Sequence[float]) -> Optional[float]:
+    return statistics.median(values) if values else None
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or not b else a / b
+
+
+def _progress(total: int, desc: str):
+    if tqdm is None:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, disable=None, file=sys.stderr)
+
+
+def weight_drift(masked: nn.Module, csr: nn.Module) -> float:
+    """Largest |masked weight - CSR value| over the nonzeros, and over the biases."""
+    drift = 0.0
+    for m, s in zip((m for m in masked.modules() if isinstance(m, MaskedLinear)),
+                    (m for m in csr.modules() if isinstance(m, SparseLinear))):
+        positions = s.layout.positions()
+        w = m.weight.detach().flatten()[positions]
+        drift = max(drift, (w - s.values.detach()).abs().max().item() if w.numel() else 0.0)
+        if m.bias is not None:
+            drift = max(drift, (m.bias.detach() - s.bias.detach()).abs().max().item())
+    return drift
+
+
+# -- density -----------------------------------------------------------------------------------
+def run_density(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) -> List[Row]:
+    """One row per (density, seed): the paper's main table."""
+    sizes = [data.in_features, *exp["hidden"], data.num_classes]
+    rows = []
+    for density in exp["densities"]:
+        for seed in exp["seeds"]:
+            row = train_twins(exp, data, sizes, density, seed)
+            log(f"  density {density:g} seed {seed}: mask {_fmt_s(row['mask_s_per_epoch'])} "
+                f"CSR {_fmt_s(row['csr_s_per_epoch'])} per epoch, acc mask "
+                f"{row['best_acc_mask']:.4f} CSR {row['best_acc_csr']:.4f}")
+            rows.append(row)
+    return rows
+
+
+def _fmt_s(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.3f}s"
+
+
+def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], density: float,
+                seed: int) -> Row:
+    """Train the masked and CSR twins side by side on the same batches; one result row."""
+    masked, csr = build_twins(sizes, density, seed, exp["distribution"])
+    twins = (masked, csr)
+    lr = lr_for(exp, density)
+    optimizers = [make_optimizer(m, exp, lr) for m in twins]
+    epochs = exp["epochs"]
+    milestones = sorted({max(1, round(f * epochs)) for f in exp["lr_milestones"]})
+    schedulers = [torch.optim.lr_scheduler.MultiStepLR(o, milestones, exp["lr_gamma"])
+                  for o in optimizers]
+    order_gen = torch.Generator().manual_seed(seed)
+    augment_gen = torch.Generator().manual_seed(seed + 1)
+    augment = exp["augment"] and data.image
+    epoch_times: Tuple[List[float], List[float]] = ([], [])
+    best_acc = [0.0, 0.0]
+    loss_drift: Optional[float] = None
+    w_drift: Optional[float] = None
+    step = 0
+    n_batches = math.ceil(data.train_size / exp["batch_size"])
+    bar = _progress(epochs * n_batches, f"{exp['name']} d={density:g} seed {seed}")
+    for epoch in range(epochs):
+        epoch_time = [0.0, 0.0]
+        timed = False
+        order = torch.randperm(data.train_size, generator=order_gen)
+        for batch in order.split(exp["batch_size"]):
+            x = data.prepare(data.x_train[batch], augment, augment_gen)
+            y = data.y_train[batch]
+            losses = [0.0, 0.0]
+            for i in ((0, 1) if step % 2 == 0 else (1, 0)):
+                seconds, losses[i] = train_step(twins[i], optimizers[i], x, y)
+                if step > 0:
+                    epoch_time[i] += seconds
+                    timed = True
+            step += 1
+            if step <= exp["check_steps"]:
+                loss_drift = max(loss_drift or 0.0, abs(losses[0] - losses[1]))
+                if step == exp["check_steps"]:
+                    w_drift = weight_drift(masked, csr)
+            if bar is not None:
+                bar.update()
+        for i in range(2):
+            schedulers[i].step()
+            if timed:
+                epoch_times[i].append(epoch_time[i])
+        if (epoch + 1) % exp["eval_every"] == 0 or epoch + 1 == epochs:
+            x_test = data.test_inputs()
+            for i, m in enumerate(twins):
+                best_acc[i] = max(best_acc[i], accuracy(m, x_test, data.y_test))
+    if bar is not None:
+        bar.close()
+    if w_drift is None and exp["check_steps"]:
+        w_drift = weight_drift(masked, csr)  # the run was shorter than check_steps
+    infer = batch1_inference_us(twins, data.test_inputs(), exp["inference_calls"])
+    x = data.prepare(data.x_train[: exp["batch_size"]])
+    y = data.y_train[: exp["batch_size"]]
+    peak = [step_memory(m, o, x, y) for m, o in zip(twins, optimizers)]
+    mask_s, csr_s = (_median(t) for t in epoch_times)
+    return {
+        "dataset": data.name,
+        "density": density,
+        "seed": seed,
+        "lr": lr,
+        "nnz": sum(layer_nnz(csr)),
+        "layer_nnz": layer_nnz(csr),
+        "mask_s_per_epoch": mask_s,
+        "csr_s_per_epoch": csr_s,
+        "speedup": _ratio(mask_s, csr_s),
+        "best_acc_mask": best_acc[0],
+        "best_acc_csr": best_acc[1],
+        "loss_drift": loss_drift,
+        "weight_drift": w_drift,
+        "drift_steps": min(step, exp["check_steps"]),
+        "infer_mask_us": infer[0],
+        "infer_csr_us": infer[1],
+        "infer_speedup": _ratio(infer[0], infer[1]),
+        "param_bytes_mask": memory.model_bytes(masked),
+        "param_bytes_csr": memory.model_bytes(csr),
+        "peak_bytes_mask": peak[0],
+        "peak_bytes_csr": peak[1],
+        "disk_bytes_mask": disk_bytes(masked),
+        "disk_bytes_csr": disk_bytes(csr),
+        "mask_epoch_s": epoch_times[0],
+        "csr_epoch_s": epoch_times[1],
+    }
+
+
+# -- inference ---------------------------------------------------------------------------------
+def run_inference(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) -> List[Row]:
+    """Batch-1 inference time and model size per density (untrained models)."""
+    sizes = [data.in_features, *exp["hidden"], data.num_classes]
+    x = data.test_inputs()[:1]
+    rows = []
+    for density in exp["densities"]:
+        for seed in exp["seeds"]:
+            masked, csr = build_twins(sizes, density, seed, exp["distribution"])
+            infer = batch1_inference_us((masked, csr), x, exp["inference_calls"])
+            rows.append({
+                "density": density, "seed": seed, "nnz": sum(layer_nnz(csr)),
+                "infer_mask_us": infer[0], "infer_csr_us": infer[1],
+                "infer_speedup": _ratio(infer[0], infer[1]),
+                "param_bytes_mask": memory.model_bytes(masked),
+                "param_bytes_csr": memory.model_bytes(csr),
+                "disk_bytes_mask": disk_bytes(masked), "disk_bytes_csr": disk_bytes(csr),
+            })
+            log(f"  density {density:g}: batch-1 mask {infer[0]:.1f} us, CSR {infer[1]:.1f} us")
+    return rows
+
+
+# -- depth and width ---------------------------------------------------------------------------
+def time_steps(models: Sequence[Optional[nn.Module]], exp: Dict[str, Any], data: Dataset,
+               seed: int, desc: str) -> List[Optional[float]]:
+    """Median seconds of a training step per model (None entries are skipped), over
+    ``exp["steps"]`` steps after one warm-up step, on the same batches, alternating."""
+    live = [(i, m) for i, m in enumerate(models) if m is not None]
+    optimizers = {i: make_optimizer(m, exp, lr_for(exp, exp["density"])) for i, m in live}
+    gen = torch.Generator().manual_seed(seed)
+    times: Dict[int, List[float]] = {i: [] for i, _ in live}
+    bar = _progress(exp["steps"] + 1, desc)
+    for step in range(exp["steps"] + 1):
+        batch = torch.randint(0, data.train_size, (exp["batch_size"],), generator=gen)
+        x, y = data.prepare(data.x_train[batch]), data.y_train[batch]
+        for i, m in (live if step % 2 == 0 else live[::-1]):
+            seconds, _ = train_step(m, optimizers[i], x, y)
+            if step > 0:
+                times[i].append(seconds)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return [statistics.median(times[i]) if i in times else None for i in range(len(models))]
+
+
+def _epoch_seconds(step_s: Optional[float], exp: Dict[str, Any]) -> Optional[float]:
+    if step_s is None:
+        return None
+    return step_s * math.ceil(exp["samples_per_epoch"] / exp["batch_size"])
+
+
+def run_depth(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) -> List[Row]:
+    """Time per epoch for 1..N hidden layers of one width at one density."""
+    rows = []
+    seed = exp["seeds"][0]
+    for depth in exp["depths"]:
+        sizes = [data.in_features, *([exp["width"]] * depth), data.num_classes]
+        masked, csr = build_twins(sizes, exp["density"], seed, exp["distribution"])
+        step_s = time_steps((masked, csr), exp, data, seed, f"depth {depth}")
+        mask_s, csr_s = (_epoch_seconds(s, exp) for s in step_s)
+        rows.append({"depth": depth, "width": exp["width"], "density": exp["density"],
+                     "nnz": sum(layer_nnz(csr)), "mask_s_per_epoch": mask_s,
+                     "csr_s_per_epoch": csr_s, "speedup": _ratio(mask_s, csr_s)})
+        log(f"  depth {depth}: mask {_fmt_s(mask_s)} CSR {_fmt_s(csr_s)} per epoch")
+    return rows
+
+
+def run_width(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) -> List[Row]:
+    """Time per epoch and memory for ``layers`` hidden layers of each width. A twin whose
+    estimated training memory exceeds the budget is skipped before anything is allocated."""
+    available = memory.available_bytes()
+    budget = (exp["memory_budget_gb"] * 2**30 if exp["memory_budget_gb"]
+              else 0.8 * available if available else float("inf"))
+    seed = exp["seeds"][0]
+    rows = []
+    for width in exp["widths"]:
+        sizes = [data.in_features, *([width] * exp["layers"]), data.num_classes]
+        need_mask = memory.estimate_training_bytes(sizes, None, exp["batch_size"], True)
+        row: Row = {"width": width, "layers": exp["layers"], "density": exp["density"],
+                    "dense_weights": sum(o * i for o, i in memory.layer_shapes(sizes)),
+                    "estimated_bytes_mask": need_mask, "budget_bytes": budget}
+        csr = build_csr(sizes, exp["density"], seed, exp["distribution"])
+        nnz = layer_nnz(csr)
+        need_csr = memory.estimate_training_bytes(sizes, nnz, exp["batch_size"], False)
+        row.update(nnz=sum(nnz), estimated_bytes_csr=need_csr)
+        notes = []
+        if need_csr > budget:
+            csr = None
+            notes.append(f"CSR skipped: would need {need_csr / 2**30:.1f} GB, budget "
+                         f"{budget / 2**30:.1f} GB")
+        masked = None
+        if need_mask > budget:
+            notes.append(f"masked skipped: would need {need_mask / 2**30:.1f} GB, budget "
+                         f"{budget / 2**30:.1f} GB")
+        elif csr is not None:
+            masked = to_masked(csr)
+        step_s = time_steps((masked, csr), exp, data, seed, f"width {width}")
+        mask_s, csr_s = (_epoch_seconds(s, exp) for s in step_s)
+        x = data.prepare(data.x_train[: exp["batch_size"]])
+        y = data.y_train[: exp["batch_size"]]
+        peaks = []
+        for m in (masked, csr):
+            if m is None:
+                peaks.append(None)
+                continue
+            opt = make_optimizer(m, exp, lr_for(exp, exp["density"]))
+            train_step(m, opt, x, y)  # momentum buffers exist from here on, as in training
+            peaks.append(step_memory(m, opt, x, y))
+        row.update(mask_s_per_epoch=mask_s, csr_s_per_epoch=csr_s,
+                   speedup=_ratio(mask_s, csr_s),
+                   param_bytes_csr=memory.model_bytes(csr) if csr is not None else None,
+                   param_bytes_mask=memory.model_bytes(masked) if masked is not None else None,
+                   peak_bytes_mask=peaks[0], peak_bytes_csr=peaks[1], note="; ".join(notes))
+        rows.append(row)
+        log(f"  width {width}: mask {_fmt_s(mask_s)} CSR {_fmt_s(csr_s)} per epoch"
+            + (f" ({row['note']})" if notes else ""))
+        del masked, csr
+    return rows
+
+
+RUNNERS = {"density": run_density, "inference": run_inference, "depth": run_depth,
+           "width": run_width}

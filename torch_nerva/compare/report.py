@@ -1,0 +1,323 @@
+"""Tables, result files and plots of the comparison.
+
+Each experiment writes ``<name>.csv`` (one line per result row, lists as JSON text) and
+``<name>.json`` (``{"meta": environment, "experiment": its config, "rows": [...]}``); plots are
+drawn from those saved rows (:func:`plot_experiment`), so ``--plot-only DIR`` redraws them
+without rerunning anything.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .. import __version__
+
+
+# -- environment -------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def git_revision() -> Optional[str]:
+    """The commit of the checkout holding this file (``-dirty`` appended when tracked files
+    differ from it), or None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=here,
+                               capture_output=True, timeout=10).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head
+
+
+def environment() -> Dict[str, Any]:
+    return {
+        "torch_version": torch.__version__,
+        "torch_nerva_version": __version__,
+        "threads": torch.get_num_threads(),
+        "cpu_model": cpu_model(),
+        "cpu_count": _cpu_count(),
+        "platform": platform.platform(),
+        "python_version": platform.python_version(),
+        "git_revision": git_revision(),
+    }
+
+
+def _cpu_count() -> Optional[int]:
+    import os
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count()
+
+
+# -- files -------------------------------------------------------------------------------------
+def write_results(out: Path, exp: Dict[str, Any], rows: Sequence[Dict[str, Any]],
+                  meta: Dict[str, Any]) -> List[Path]:
+    """``<out>/<name>.csv`` and ``<out>/<name>.json``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    name = exp["name"]
+    fields: List[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    csv_path, json_path = out / f"{name}.csv", out / f"{name}.json"
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                             for k, v in r.items()})
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "experiment": exp, "rows": list(rows)}, f, indent=2)
+        f.write("\n")
+    return [csv_path, json_path]
+
+
+def read_results(path: Path) -> Dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# -- tables ------------------------------------------------------------------------------------
+def _f(value: Optional[float], spec: str, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec) + suffix
+
+
+def _mb(n: Optional[int]) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2**20:.2f}" if n < 100 * 2**20 else f"{n / 2**20:.0f}"
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f}+-{statistics.stdev(values):.4f}"
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+              for i, h in enumerate(header)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    out.append("-" * len(out[0]))
+    out += ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+def group_by_density(rows: Sequence[Dict[str, Any]]) -> Dict[float, List[Dict[str, Any]]]:
+    groups: Dict[float, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["density"], []).append(r)
+    return groups
+
+
+def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) -> str:
+    acc = "syn-acc" if rows and rows[0]["dataset"].startswith("synthetic") else "acc"
+    header = ["density", "nnz", "mask s/ep", "CSR s/ep", "speedup", f"{acc} mask", f"{acc} CSR",
+              "drift", "b1 mask us", "b1 CSR us", "b1 x", "param MB m/c", "peak MB m/c",
+              "disk MB c"]
+    lines = []
+    for density, group in group_by_density(rows).items():
+        mask_s = _median([s for r in group for s in r["mask_epoch_s"]])
+        csr_s = _median([s for r in group for s in r["csr_epoch_s"]])
+        drift = max((r["loss_drift"] for r in group if r["loss_drift"] is not None),
+                    default=None)
+        b1m = _median([r["infer_mask_us"] for r in group])
+        b1c = _median([r["infer_csr_us"] for r in group])
+        g0 = group[0]
+        lines.append([
+            f"{density:g}", str(g0["nnz"]), _f(mask_s, ".3f"), _f(csr_s, ".3f"),
+            _f(mask_s / csr_s if mask_s and csr_s else None, ".2f", "x"),
+            _mean_std([r["best_acc_mask"] for r in group]),
+            _mean_std([r["best_acc_csr"] for r in group]), _f(drift, ".1e"),
+            _f(b1m, ".1f"), _f(b1c, ".1f"), _f(b1m / b1c if b1m and b1c else None, ".2f", "x"),
+            f"{_mb(g0['param_bytes_mask'])}/{_mb(g0['param_bytes_csr'])}",
+            f"{_mb(g0['peak_bytes_mask'])}/{_mb(g0['peak_bytes_csr'])}",
+            _mb(g0["disk_bytes_csr"]),
+        ])
+    seeds = len(exp["seeds"])
+    text = [_table(header, lines),
+            f"s/ep: median over epochs{' and seeds' if seeds > 1 else ''} of the summed step "
+            f"times (forward+backward+SGD step+zero_grad; first step warm-up); speedup = mask / "
+            f"CSR; acc: best test accuracy{' (mean+-std over seeds)' if seeds > 1 else ''}; "
+            f"drift: max |loss mask - loss CSR| over the first {exp['check_steps']} steps; "
+            f"b1: batch-1 inference (median of {exp['inference_calls']} calls); param: "
+            f"parameters+buffers; peak: peak tensor memory of a training step; disk: "
+            f"torch.save(state_dict) of the CSR model."]
+    if acc == "syn-acc":
+        text.append("syn-acc: accuracy on SYNTHETIC data, not meaningful.")
+    if note:
+        text.append(f"note: {note}")
+    return "\n".join(text)
+
+
+def format_inference(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) -> str:
+    header = ["density", "nnz", "b1 mask us", "b1 CSR us", "speedup", "param MB m/c",
+              "disk MB m/c"]
+    lines = []
+    for density, group in group_by_density(rows).items():
+        b1m = _median([r["infer_mask_us"] for r in group])
+        b1c = _median([r["infer_csr_us"] for r in group])
+        g0 = group[0]
+        lines.append([f"{density:g}", str(g0["nnz"]), _f(b1m, ".1f"), _f(b1c, ".1f"),
+                      _f(b1m / b1c if b1m and b1c else None, ".2f", "x"),
+                      f"{_mb(g0['param_bytes_mask'])}/{_mb(g0['param_bytes_csr'])}",
+                      f"{_mb(g0['disk_bytes_mask'])}/{_mb(g0['disk_bytes_csr'])}"])
+    return _table(header, lines) + (f"\nnote: {note}" if note else "")
+
+
+def format_depth(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) -> str:
+    header = ["hidden layers", "nnz", "mask s/ep", "CSR s/ep", "speedup"]
+    lines = [[str(r["depth"]), str(r["nnz"]), _f(r["mask_s_per_epoch"], ".2f"),
+              _f(r["csr_s_per_epoch"], ".2f"), _f(r["speedup"], ".2f", "x")] for r in rows]
+    return (_table(header, lines) + f"\nwidth {exp['width']}, density {exp['density']:g}; s/ep = "
+            f"median of {exp['steps']} timed steps x {exp['samples_per_epoch']} / "
+            f"{exp['batch_size']} steps per epoch" + (f"\nnote: {note}" if note else ""))
+
+
+def format_width(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) -> str:
+    header = ["width", "nnz", "mask s/ep", "CSR s/ep", "speedup", "mask peak MB",
+              "CSR peak MB", "mask needs GB (est.)", "note"]
+    lines = [[str(r["width"]), str(r["nnz"]), _f(r["mask_s_per_epoch"], ".2f"),
+              _f(r["csr_s_per_epoch"], ".2f"), _f(r["speedup"], ".2f", "x"),
+              _mb(r["peak_bytes_mask"]), _mb(r["peak_bytes_csr"]),
+              f"{r['estimated_bytes_mask'] / 2**30:.3g}", r["note"] or "-"] for r in rows]
+    return (_table(header, lines) + f"\n{exp['layers']} hidden layers, density "
+            f"{exp['density']:g}; s/ep = median of {exp['steps']} timed steps x steps per epoch; "
+            f"peak: peak tensor memory of a training step" + (f"\nnote: {note}" if note else ""))
+
+
+FORMATTERS = {"density": format_density, "inference": format_inference, "depth": format_depth,
+              "width": format_width}
+
+
+# -- plots -------------------------------------------------------------------------------------
+def _sparsity_axis(ax, rows) -> None:
+    ax.set_xscale("logit")
+    ax.set_xlabel("sparsity (1 - density), logit scale")
+
+
+def plot_experiment(doc: Dict[str, Any], out: Path) -> List[Path]:
+    """PNG plots of one saved experiment (``doc`` as written by :func:`write_results`);
+    returns their paths. Needs matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exp, rows, meta = doc["experiment"], doc["rows"], doc["meta"]
+    kind, name = exp["kind"], exp["name"]
+    subtitle = f"{meta['cpu_model']}, {meta['threads']} threads"
+    paths: List[Path] = []
+
+    def save(fig, suffix: str) -> None:
+        path = out / f"{name}_{suffix}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    if kind in ("density", "inference"):
+        groups = group_by_density(rows)
+        sparse = sorted(d for d in groups if d < 1)
+        dense = groups.get(1.0)
+        xs = [1 - d for d in sparse]
+        series = []
+        if kind == "density":
+            series.append(("accuracy", "best test accuracy",
+                           [("best_acc_mask", "masked"), ("best_acc_csr", "CSR")], False))
+            series.append(("time", "training time per epoch (s)",
+                           [("mask_s_per_epoch", "masked"), ("csr_s_per_epoch", "CSR")], True))
+        series.append(("inference", "batch-1 inference time (us)",
+                       [("infer_mask_us", "masked"), ("infer_csr_us", "CSR")], True))
+        for suffix, ylabel, keys, logy in series:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for (key, label), color in zip(keys, ("tab:orange", "tab:blue")):
+                ys = [_median([r[key] for r in groups[d]]) for d in sparse]
+                if xs:
+                    ax.plot(xs, ys, "o-", color=color, label=label)
+                if dense:
+                    ref = _median([r[key] for r in dense])
+                    if ref is not None:
+                        ax.axhline(ref, color=color, linestyle="--", linewidth=1,
+                                   label=f"{label}, dense (density 1)")
+            if xs:
+                _sparsity_axis(ax, rows)
+            if logy:
+                ax.set_yscale("log")
+            ax.set_ylabel(ylabel)
+            synthetic = rows and str(rows[0].get("dataset", "")).startswith("synthetic")
+            title = f"{name}: {ylabel}"
+            if suffix == "accuracy" and synthetic:
+                title += " (SYNTHETIC data: not meaningful)"
+            ax.set_title(f"{title}\n{subtitle}", fontsize=9)
+            ax.legend(fontsize=8)
+            ax.grid(True, alpha=0.3)
+            save(fig, suffix)
+    elif kind in ("depth", "width"):
+        key = "depth" if kind == "depth" else "width"
+        fig, axes = plt.subplots(1, 2 if kind == "width" else 1,
+                                 figsize=(11 if kind == "width" else 6, 4), squeeze=False)
+        ax = axes[0][0]
+        for field, label, color in (("mask_s_per_epoch", "masked", "tab:orange"),
+                                    ("csr_s_per_epoch", "CSR", "tab:blue")):
+            pts = [(r[key], r[field]) for r in rows if r[field] is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=color, label=label)
+        ax.set_xlabel("hidden layers" if kind == "depth" else "hidden width")
+        ax.set_ylabel("training time per epoch (s)")
+        ax.set_yscale("log")
+        if kind == "width":
+            ax.set_xscale("log", base=2)
+            mem = axes[0][1]
+            for field, label, color in (("peak_bytes_mask", "masked, measured", "tab:orange"),
+                                        ("peak_bytes_csr", "CSR, measured", "tab:blue")):
+                pts = [(r["width"], r[field] / 2**30) for r in rows if r[field] is not None]
+                if pts:
+                    mem.plot(*zip(*pts), "o-", color=color, label=label)
+            est = [(r["width"], r["estimated_bytes_mask"] / 2**30) for r in rows
+                   if r["peak_bytes_mask"] is None]
+            if est:
+                mem.plot(*zip(*est), "x", color="tab:orange", markersize=9,
+                         label="masked, skipped (estimated need)")
+            mem.axhline(rows[0]["budget_bytes"] / 2**30, color="gray", linestyle="--",
+                        linewidth=1, label="memory budget")
+            mem.set_xscale("log", base=2)
+            mem.set_yscale("log")
+            mem.set_xlabel("hidden width")
+            mem.set_ylabel("peak training memory (GiB)")
+            mem.legend(fontsize=8)
+            mem.grid(True, alpha=0.3)
+        ax.set_title(f"{name}: density {exp['density']:g}\n{subtitle}", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(True, alpha=0.3)
+        save(fig, "time")
+    return paths
