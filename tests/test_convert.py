@@ -131,3 +131,18 @@ def test_to_masked_to_sparse_densify_round_trip():
     for model in (masked, back, dense):
         torch.testing.assert_close(model(x), sparse(x))
     assert isinstance(sparse[0], tn.SparseLinear)  # not converted in place
+
+
+def test_sparsify_a_meta_template_never_allocates_dense_weights():
+    with torch.device("meta"):
+        template = torch.nn.Sequential(torch.nn.Linear(20000, 30000), torch.nn.ReLU(),
+                                       torch.nn.Linear(30000, 10))
+    model = tn.sparsify(template, 1e-4, device="cpu",
+                                 generator=torch.Generator().manual_seed(0))
+    layers = [m for m in model if isinstance(m, tn.SparseLinear)]
+    assert all(m.values.device.type == "cpu" and m.bias.device.type == "cpu" for m in layers)
+    assert sum(m.nnz for m in layers) == round(1e-4 * (20000 * 30000 + 30000 * 10))
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    assert model(torch.randn(2, 20000)).shape == (2, 10)
+    with pytest.raises(ValueError, match="device= places freshly initialised layers"):
+        tn.sparsify(template, 0.1, device="cpu", init="magnitude")

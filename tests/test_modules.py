@@ -352,3 +352,21 @@ def test_auto_dense_layer_uses_native_kernel_for_tiny_batches():
         names = {e.name for e in prof.events()}
         assert ("torch_nerva::sparse_linear" in names) == kernel_expected
         torch.testing.assert_close(y, x @ layer.dense_weight().t() + layer.bias)
+
+
+def test_parametrized_bias_is_used_in_forward():
+    # (``values`` itself cannot be parametrized: torch keeps parametrizations in a ModuleDict,
+    # whose ``values`` method the name would shadow.)
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, v):
+            return 2 * v
+
+    layer = tn.SparseLinear(12, 5, density=0.5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 12)
+    expected = x @ layer.dense_weight().t() + 2 * layer.bias
+    parametrize.register_parametrization(layer, "bias", Double())
+    torch.testing.assert_close(layer(x), expected)
+    layer(x).sum().backward()
+    assert layer.parametrizations.bias.original.grad is not None

@@ -30,8 +30,9 @@ DENSE_DENSITY = 0.3
 #: weigh more there), from this density on.
 SMALL_SIZE = 1 << 17
 DENSE_DENSITY_SMALL = 0.5
-#: Batches of at most this many rows always use ``native`` under ``auto`` on CPU (batch-1
-#: inference): the sparse kernel does ~nnz work, the dense path at least in x out.
+#: Batches of at most this many rows use ``native`` under ``auto`` on CPU (batch-1 inference):
+#: the sparse kernel does ~nnz work, the dense path a scatter of in x out. Full layouts (density
+#: 1) stay dense: their values are the dense weight already.
 DENSE_MIN_BATCH = 4
 
 _HOW_TO_BUILD = {

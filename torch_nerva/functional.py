@@ -15,6 +15,8 @@ from torch.autograd.function import once_differentiable
 from . import backends, ops
 from .layout import CSRLayout, csr_tensor
 
+_ops = torch.ops.torch_nerva
+
 
 def _check_input(x: Tensor, values: Tensor, bias: Optional[Tensor], in_features: int) -> None:
     if not isinstance(x, Tensor):
@@ -41,11 +43,17 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tenso
     in_features = crow_t.shape[0] - 1
     out_features = crow.shape[0] - 1
     _check_input(x, values, bias, in_features)
-    x2 = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # (batch, in); in may be 0
+    flat = x.dim() == 2
+    x2 = x if flat else x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # (batch, in)
+    if x.is_cpu and (backend == "native" or (backend == "auto" and not dense)):
+        # the common case, without the general resolution below
+        y = _ops.sparse_linear.default(x2, values, bias, crow, col, crow_t, col_t, perm)[0]
+        return y if flat else y.reshape(*x.shape[:-1], out_features)
     which = backends.resolve(backend, x.device, dense)
     if which == "dense" and backend == "auto" and x2.shape[0] <= backends.DENSE_MIN_BATCH \
-            and x.device.type == "cpu":
-        # A tiny batch costs the native kernel ~nnz work; the dense path >= in x out.
+            and x.device.type == "cpu" and values.numel() < out_features * in_features:
+        # A tiny batch costs the native kernel ~nnz work; the dense path a scatter of in x out
+        # (a full layout is the dense weight already: no scatter, dense stays best).
         which = "native"
     if which == "dense":
         if positions is None or positions.numel() != values.numel():
@@ -57,7 +65,7 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tenso
         y = _TorchSparseLinear.apply(x2, values, bias, crow, col, crow_t, col_t, perm)
     else:  # pragma: no cover - backends.check refuses unbuilt names earlier
         raise RuntimeError(f"backend {which!r} is not available")
-    return y.reshape(*x.shape[:-1], out_features)
+    return y if flat else y.reshape(*x.shape[:-1], out_features)
 
 
 def dense_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], positions: Tensor,

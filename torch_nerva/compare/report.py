@@ -221,8 +221,12 @@ FORMATTERS = {"density": format_density, "inference": format_inference, "depth":
 
 
 # -- plots -------------------------------------------------------------------------------------
-def _sparsity_axis(ax, rows) -> None:
+def _sparsity_axis(ax, xs) -> None:
+    from matplotlib.ticker import NullFormatter
     ax.set_xscale("logit")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{x:g}" for x in xs], fontsize=8)
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("sparsity (1 - density), logit scale")
 
 
@@ -260,17 +264,19 @@ def plot_experiment(doc: Dict[str, Any], out: Path) -> List[Path]:
                        [("infer_mask_us", "masked"), ("infer_csr_us", "CSR")], True))
         for suffix, ylabel, keys, logy in series:
             fig, ax = plt.subplots(figsize=(6, 4))
-            for (key, label), color in zip(keys, ("tab:orange", "tab:blue")):
+            for (key, label), color, marker in zip(keys, ("tab:orange", "tab:blue"), "so"):
                 ys = [_median([r[key] for r in groups[d]]) for d in sparse]
-                if xs:
-                    ax.plot(xs, ys, "o-", color=color, label=label)
+                if xs:  # masked: large hollow squares, so that identical values stay visible
+                    ax.plot(xs, ys, marker + "-", color=color, label=label,
+                            markersize=9 if marker == "s" else 5,
+                            markerfacecolor="none" if marker == "s" else color)
                 if dense:
                     ref = _median([r[key] for r in dense])
                     if ref is not None:
                         ax.axhline(ref, color=color, linestyle="--", linewidth=1,
                                    label=f"{label}, dense (density 1)")
             if xs:
-                _sparsity_axis(ax, rows)
+                _sparsity_axis(ax, xs)
             if logy:
                 ax.set_yscale("log")
             ax.set_ylabel(ylabel)
