@@ -137,7 +137,8 @@ def test_density_rows(tiny_run):
     assert rows[0]["nnz"] == total and rows[1]["nnz"] == round(0.1 * total)
     for r in rows:
         assert len(r["mask_epoch_s"]) == len(r["csr_epoch_s"]) == 2
-        for key in ("mask_s_per_epoch", "csr_s_per_epoch", "infer_mask_us", "infer_csr_us"):
+        for key in ("mask_s_per_epoch", "csr_s_per_epoch", "infer_mask_us", "infer_csr_us",
+                    "infer_dense_us"):
             assert r[key] > 0, key
         assert 0 <= r["best_acc_mask"] <= 1 and 0 <= r["best_acc_csr"] <= 1
         assert r["loss_drift"] < 1e-4 and r["weight_drift"] < 1e-4 and r["drift_steps"] == 3
@@ -166,7 +167,7 @@ def test_depth_width_inference_rows(tiny_run):
     assert big["csr_s_per_epoch"] > 0 and big["peak_bytes_csr"] > 0
     inference = _doc(tiny_run, "inference")["rows"]
     assert [r["density"] for r in inference] == [1.0, 0.1]
-    assert all(r["infer_csr_us"] > 0 for r in inference)
+    assert all(r["infer_csr_us"] > 0 and r["infer_dense_us"] > 0 for r in inference)
 
 
 def test_plots_are_written_and_can_be_redrawn(tiny_run, capsys):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..convert import sparsify, to_masked
+from ..convert import densify, sparsify, to_masked
 from ..modules import MaskedLinear, SparseLinear
 from . import memory
 from .config import lr_for
@@ -232,7 +232,8 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
         bar.close()
     if w_drift is None and exp["check_steps"]:
         w_drift = weight_drift(masked, csr)  # the run was shorter than check_steps
-    infer = batch1_inference_us(twins, data.test_inputs(), exp["inference_calls"])
+    infer = batch1_inference_us((*twins, densify(csr)), data.test_inputs(),
+                                exp["inference_calls"])
     x = data.prepare(data.x_train[: exp["batch_size"]])
     y = data.y_train[: exp["batch_size"]]
     peak = [step_memory(m, o, x, y) for m, o in zip(twins, optimizers)]
@@ -255,6 +256,7 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
         "infer_mask_us": infer[0],
         "infer_csr_us": infer[1],
         "infer_speedup": _ratio(infer[0], infer[1]),
+        "infer_dense_us": infer[2],
         "param_bytes_mask": memory.model_bytes(masked),
         "param_bytes_csr": memory.model_bytes(csr),
         "peak_bytes_mask": peak[0],
@@ -275,16 +277,18 @@ def run_inference(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]
     for density in exp["densities"]:
         for seed in exp["seeds"]:
             masked, csr = build_twins(sizes, density, seed, exp["distribution"])
-            infer = batch1_inference_us((masked, csr), x, exp["inference_calls"])
+            infer = batch1_inference_us((masked, csr, densify(csr)), x,
+                                        exp["inference_calls"])
             rows.append({
                 "density": density, "seed": seed, "nnz": sum(layer_nnz(csr)),
                 "infer_mask_us": infer[0], "infer_csr_us": infer[1],
-                "infer_speedup": _ratio(infer[0], infer[1]),
+                "infer_speedup": _ratio(infer[0], infer[1]), "infer_dense_us": infer[2],
                 "param_bytes_mask": memory.model_bytes(masked),
                 "param_bytes_csr": memory.model_bytes(csr),
                 "disk_bytes_mask": disk_bytes(masked), "disk_bytes_csr": disk_bytes(csr),
             })
-            log(f"  density {density:g}: batch-1 mask {infer[0]:.1f} us, CSR {infer[1]:.1f} us")
+            log(f"  density {density:g}: batch-1 mask {infer[0]:.1f} us, CSR {infer[1]:.1f} us, "
+                f"dense nn.Linear {infer[2]:.1f} us")
     return rows
 
 

@@ -143,7 +143,8 @@ def group_by_density(rows: Sequence[Dict[str, Any]]) -> Dict[float, List[Dict[st
 def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) -> str:
     acc = "syn-acc" if rows and rows[0]["dataset"].startswith("synthetic") else "acc"
     header = ["density", "nnz", "mask s/ep", "CSR s/ep", "speedup", f"{acc} mask", f"{acc} CSR",
-              "drift", "b1 mask us", "b1 CSR us", "b1 x", "param MB m/c", "peak MB m/c",
+              "drift", "b1 mask us", "b1 CSR us", "b1 x", "b1 nn.Linear", "param MB m/c",
+              "peak MB m/c",
               "disk MB c"]
     lines = []
     for density, group in group_by_density(rows).items():
@@ -153,6 +154,7 @@ def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: st
                     default=None)
         b1m = _median([r["infer_mask_us"] for r in group])
         b1c = _median([r["infer_csr_us"] for r in group])
+        b1d = _median([r.get("infer_dense_us") for r in group])
         g0 = group[0]
         lines.append([
             f"{density:g}", str(g0["nnz"]), _f(mask_s, ".3f"), _f(csr_s, ".3f"),
@@ -160,7 +162,7 @@ def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: st
             _mean_std([r["best_acc_mask"] for r in group]),
             _mean_std([r["best_acc_csr"] for r in group]), _f(drift, ".1e"),
             _f(b1m, ".1f"), _f(b1c, ".1f"), _f(b1m / b1c if b1m and b1c else None, ".2f", "x"),
-            f"{_mb(g0['param_bytes_mask'])}/{_mb(g0['param_bytes_csr'])}",
+            _f(b1d, ".1f"), f"{_mb(g0['param_bytes_mask'])}/{_mb(g0['param_bytes_csr'])}",
             f"{_mb(g0['peak_bytes_mask'])}/{_mb(g0['peak_bytes_csr'])}",
             _mb(g0["disk_bytes_csr"]),
         ])
@@ -170,7 +172,8 @@ def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: st
             f"times (forward+backward+SGD step+zero_grad; first step warm-up); speedup = mask / "
             f"CSR; acc: best test accuracy{' (mean+-std over seeds)' if seeds > 1 else ''}; "
             f"drift: max |loss mask - loss CSR| over the first {exp['check_steps']} steps; "
-            f"b1: batch-1 inference (median of {exp['inference_calls']} calls); param: "
+            f"b1: batch-1 inference (median of {exp['inference_calls']} calls; nn.Linear: "
+            f"the trained CSR weights densified, no mask product); param: "
             f"parameters+buffers; peak: peak tensor memory of a training step; disk: "
             f"torch.save(state_dict) of the CSR model."]
     if acc == "syn-acc":
@@ -181,18 +184,22 @@ def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: st
 
 
 def format_inference(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) -> str:
-    header = ["density", "nnz", "b1 mask us", "b1 CSR us", "speedup", "param MB m/c",
-              "disk MB m/c"]
+    header = ["density", "nnz", "b1 mask us", "b1 CSR us", "speedup", "b1 nn.Linear us",
+              "param MB m/c", "disk MB m/c"]
     lines = []
     for density, group in group_by_density(rows).items():
         b1m = _median([r["infer_mask_us"] for r in group])
         b1c = _median([r["infer_csr_us"] for r in group])
+        b1d = _median([r.get("infer_dense_us") for r in group])
         g0 = group[0]
         lines.append([f"{density:g}", str(g0["nnz"]), _f(b1m, ".1f"), _f(b1c, ".1f"),
-                      _f(b1m / b1c if b1m and b1c else None, ".2f", "x"),
+                      _f(b1m / b1c if b1m and b1c else None, ".2f", "x"), _f(b1d, ".1f"),
                       f"{_mb(g0['param_bytes_mask'])}/{_mb(g0['param_bytes_csr'])}",
                       f"{_mb(g0['disk_bytes_mask'])}/{_mb(g0['disk_bytes_csr'])}"])
-    return _table(header, lines) + (f"\nnote: {note}" if note else "")
+    return (_table(header, lines) + f"\nb1: batch-1 inference, median of "
+            f"{exp['inference_calls']} calls (eval, no_grad); nn.Linear: the same weights "
+            f"densified (torch_nerva.densify), no mask product; untrained models"
+            + (f"\nnote: {note}" if note else ""))
 
 
 def format_depth(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) -> str:
@@ -261,10 +268,14 @@ def plot_experiment(doc: Dict[str, Any], out: Path) -> List[Path]:
             series.append(("time", "training time per epoch (s)",
                            [("mask_s_per_epoch", "masked"), ("csr_s_per_epoch", "CSR")], True))
         series.append(("inference", "batch-1 inference time (us)",
-                       [("infer_mask_us", "masked"), ("infer_csr_us", "CSR")], True))
+                       [("infer_mask_us", "masked"), ("infer_csr_us", "CSR"),
+                        ("infer_dense_us", "dense nn.Linear")], True))
         for suffix, ylabel, keys, logy in series:
             fig, ax = plt.subplots(figsize=(6, 4))
-            for (key, label), color, marker in zip(keys, ("tab:orange", "tab:blue"), "so"):
+            for (key, label), color, marker in zip(keys, ("tab:orange", "tab:blue", "tab:gray"),
+                                                   "so^"):
+                if any(r.get(key) is None for r in rows):
+                    continue
                 ys = [_median([r[key] for r in groups[d]]) for d in sparse]
                 if xs:  # masked: large hollow squares, so that identical values stay visible
                     ax.plot(xs, ys, marker + "-", color=color, label=label,
