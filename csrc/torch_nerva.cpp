@@ -46,4 +46,10 @@ TORCH_LIBRARY(torch_nerva, m) {
   // and the instruction sets this CPU supports.
   m.def("_kernel_isa(str name) -> str");
   m.def("_supported_isas() -> str[]");
+#ifdef TORCH_NERVA_WITH_MKL
+  // y = x W^T (transpose=False) or x W (transpose=True) through torch's own MKL (csrc/cpu/mkl_cpu.cpp)
+  m.def("mkl_spmm(Tensor x, Tensor values, Tensor crow, Tensor col, SymInt n_cols, "
+        "bool transpose) -> Tensor");
+  m.def("_mkl_available() -> bool");
+#endif
 }

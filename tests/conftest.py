@@ -17,7 +17,7 @@ def index_dtype(request):
     return request.param
 
 
-@pytest.fixture(params=["native", "dense", "torch"])
+@pytest.fixture(params=["native", "dense", "torch", "mkl"])
 def backend(request):
     if request.param not in torch_nerva.backends.available():
         pytest.skip(f"backend {request.param} not built")

@@ -250,7 +250,7 @@ def test_from_dense_keeps_largest_or_masked_or_nonzero():
     (dict(mask=torch.ones(6, 4, dtype=torch.bool)), ValueError, r"mask must have shape"),
     (dict(nnz=25), ValueError, r"nnz must be an int in \[0, 24\]"),
     (dict(density=0.5, backend="magic"), ValueError, "backend must be one of"),
-    (dict(density=0.5, backend="mkl"), RuntimeError, "not available in this build"),
+    (dict(density=0.5, backend="cusparse"), RuntimeError, "not available in this build"),
     (dict(density=0.5, index_dtype=torch.int16), TypeError, "index_dtype"),
 ])
 def test_constructor_errors(kwargs, error, match):

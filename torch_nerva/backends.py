@@ -36,14 +36,23 @@ DENSE_DENSITY_SMALL = 0.5
 DENSE_MIN_BATCH = 4
 
 _HOW_TO_BUILD = {
-    "mkl": "the MKL backend is not implemented in this version of torch_nerva",
+    "mkl": ("it is built when MKL's headers are present at build time and uses the MKL inside "
+            "torch: pip install mkl-include, then rebuild with "
+            "pip install --no-build-isolation -e . (TORCH_NERVA_MKL=1 makes a missing header "
+            "an error)"),
     "cusparse": "the cuSPARSE backend is not implemented in this version of torch_nerva",
 }
 
 
+def _mkl_usable() -> bool:
+    """Built with MKL, and the MKL inside this torch exports the sparse BLAS it needs."""
+    return "mkl" in _build_info.BACKENDS and bool(torch.ops.torch_nerva._mkl_available())
+
+
 def available() -> List[str]:
     """Backends usable in this build (``"auto"`` not included)."""
-    return list(_build_info.BACKENDS) + ["torch", "dense"]
+    built = [b for b in _build_info.BACKENDS if b != "mkl" or _mkl_usable()]
+    return built + ["torch", "dense"]
 
 
 def prefer_dense(in_features: int, out_features: int, nnz: int) -> bool:
@@ -72,8 +81,8 @@ def resolve(name: str, device: torch.device, dense: bool = False) -> str:
         if device.type == "cpu":
             return "native"
         return "cusparse" if "cusparse" in available() else "torch"
-    if name == "native" and device.type != "cpu":
-        raise RuntimeError(f"backend 'native' runs on the CPU only, got a tensor on {device}")
+    if name in ("native", "mkl") and device.type != "cpu":
+        raise RuntimeError(f"backend {name!r} runs on the CPU only, got a tensor on {device}")
     return name
 
 

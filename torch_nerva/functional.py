@@ -63,6 +63,8 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tenso
         y = ops.sparse_linear(x2, values, bias, crow, col, crow_t, col_t, perm)
     elif which == "torch":
         y = _TorchSparseLinear.apply(x2, values, bias, crow, col, crow_t, col_t, perm)
+    elif which == "mkl":
+        y = _MklSparseLinear.apply(x2, values, bias, crow, col)
     else:  # pragma: no cover - backends.check refuses unbuilt names earlier
         raise RuntimeError(f"backend {which!r} is not available")
     return y if flat else y.reshape(*x.shape[:-1], out_features)
@@ -118,3 +120,37 @@ class _TorchSparseLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_values, grad_bias, None, None, None, None, None
+
+
+class _MklSparseLinear(torch.autograd.Function):
+    """The ``mkl`` backend: forward and dX through the MKL inside torch (``mkl_spmm``, on the
+    row-major tensors as they are), dvalues through our SDDMM (torch's MKL has none).
+
+    MKL's LP64 interface takes int32 indices: an int64 layout is converted on every call (an
+    O(nnz) copy; build layers with ``index_dtype=torch.int32``, the default when it fits)."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, crow, col):
+        if crow.dtype != torch.int32:
+            crow, col = crow.to(torch.int32), col.to(torch.int32)
+        in_features = x.shape[1]
+        y = _ops.mkl_spmm.default(x, values, crow, col, in_features, False)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x, values, crow, col)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, values, crow, col = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _ops.mkl_spmm.default(grad, values, crow, col, x.shape[1], True)
+        if ctx.needs_input_grad[1]:
+            grad_values = _ops.csr_sddmm.default(grad, x, crow, col)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_values, grad_bias, None, None

@@ -122,3 +122,22 @@ def _parallel_probe_fake(n):
 # Autograd of sparse_linear is registered in C++ (csrc/autograd.cpp): dX = dY W by the SpMM
 # kernel on the cached transpose, dvalues = SDDMM(dY, X) at W's nonzeros from the transposed
 # input saved by the forward, dbias = sum_b dY; only the gradients autograd asks for.
+
+
+if hasattr(_ops, "mkl_spmm"):
+    @torch.library.register_fake("torch_nerva::mkl_spmm")
+    def _mkl_spmm_fake(x, values, crow, col, n_cols, transpose):
+        torch._check(x.dim() == 2, lambda: f"mkl_spmm: x must be 2-D, got {x.dim()}-D")
+        torch._check(values.dtype == x.dtype, lambda: "mkl_spmm: values and x dtypes differ")
+        n_rows = crow.shape[0] - 1
+        return x.new_empty((x.shape[0], n_cols if transpose else n_rows))
+
+
+def mkl_spmm(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, n_cols: int,
+             transpose: bool = False) -> Tensor:
+    """``x W^T`` (or ``x W`` with ``transpose``) through the MKL inside torch; W is the int32
+    CSR (``len(crow) - 1`` x ``n_cols``). Only in builds with the MKL backend."""
+    if not hasattr(_ops, "mkl_spmm"):
+        raise RuntimeError("this torch_nerva build has no MKL backend: pip install mkl-include, "
+                           "then pip install --no-build-isolation -e .")
+    return _ops.mkl_spmm(x, values, crow, col, n_cols, transpose)
