@@ -207,8 +207,11 @@ def timed_call(layer: nn.Module, mode: str, x: Tensor, grad: Tensor):
     return step, clear
 
 
+CPU_ONLY = ("sparseprop", "nerva_native", "nerva_mkl")
+
+
 def run_point(in_f: int, out_f: int, density: float, batch: int, mode: str, methods: List[str],
-              reps: int, seed: int = 0) -> List[Dict[str, Any]]:
+              reps: int, seed: int = 0, device: str = "cpu") -> List[Dict[str, Any]]:
     """Rows (one per method) for one layer shape, density and mode at the current threads."""
     batch = 1 if mode == "infer1" else batch
     base = dict(threads=torch.get_num_threads(), in_features=in_f, out_features=out_f,
@@ -228,13 +231,15 @@ def run_point(in_f: int, out_f: int, density: float, batch: int, mode: str, meth
             row["nnz"] = sparse.nnz
         for name in methods:
             try:
-                layers[name] = build(name, sparse, masked)
+                layers[name] = build(name, sparse, masked).to(device)
                 rows[name]["backend"] = resolved(layers[name])
             except Exception as e:
                 fail(name, failure_status(e), f"build: {e!r}")
+        masked, mask = masked.to(device), mask.to(device)
         gen = torch.Generator().manual_seed(seed + 1)
-        x = torch.randn(batch, in_f, generator=gen, requires_grad=mode in ("fwd_bwd", "step"))
-        grad = torch.randn(batch, out_f, generator=gen)
+        x = torch.randn(batch, in_f, generator=gen).to(device)
+        x.requires_grad_(mode in ("fwd_bwd", "step"))
+        grad = torch.randn(batch, out_f, generator=gen).to(device)
         if mode == "infer1":
             for layer in layers.values():
                 layer.eval()
@@ -257,6 +262,8 @@ def run_point(in_f: int, out_f: int, density: float, batch: int, mode: str, meth
     calls, setup = {}, {}
     for name, layer in layers.items():
         calls[name], before = timed_call(layer, mode, x, grad)
+        if device != "cpu":  # time the work, not its launch
+            calls[name] = (lambda f: lambda: (f(), torch.cuda.synchronize()))(calls[name])
         if before is not None:
             setup[name] = before
     times, errors = time_interleaved(calls, reps, setup=setup)
@@ -383,6 +390,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int)
     p.add_argument("--out", type=Path, help="output directory (default results/kernels)")
     p.add_argument("--plot-from", type=Path, help="only redraw the plot of this results CSV")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda: layers and data on that device, CPU-only "
+                        "methods skipped, every timed call synchronised")
     return p.parse_args(argv)
 
 
@@ -416,8 +426,10 @@ def main(argv=None) -> int:
             torch.set_num_threads(threads)
             for in_f, out_f, density in s["points"]:
                 for mode in s["modes"]:
-                    point = run_point(in_f, out_f, density, s["batch"], mode, s["methods"],
-                                      s["reps"])
+                    methods = [m for m in s["methods"]
+                               if args.device == "cpu" or m not in CPU_ONLY]
+                    point = run_point(in_f, out_f, density, s["batch"], mode, methods,
+                                      s["reps"], device=args.device)
                     for row in point:
                         print(format_row(row))
                     rows += point

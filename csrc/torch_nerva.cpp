@@ -52,4 +52,7 @@ TORCH_LIBRARY(torch_nerva, m) {
         "bool transpose) -> Tensor");
   m.def("_mkl_available() -> bool");
 #endif
+#ifdef TORCH_NERVA_WITH_CUDA
+  m.def("_cusparse_built() -> bool");  // the CUDA kernels of the ops above: csrc/cuda/
+#endif
 }

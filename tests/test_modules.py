@@ -250,7 +250,6 @@ def test_from_dense_keeps_largest_or_masked_or_nonzero():
     (dict(mask=torch.ones(6, 4, dtype=torch.bool)), ValueError, r"mask must have shape"),
     (dict(nnz=25), ValueError, r"nnz must be an int in \[0, 24\]"),
     (dict(density=0.5, backend="magic"), ValueError, "backend must be one of"),
-    (dict(density=0.5, backend="cusparse"), RuntimeError, "not available in this build"),
     (dict(density=0.5, index_dtype=torch.int16), TypeError, "index_dtype"),
 ])
 def test_constructor_errors(kwargs, error, match):
@@ -370,3 +369,19 @@ def test_parametrized_bias_is_used_in_forward():
     torch.testing.assert_close(layer(x), expected)
     layer(x).sum().backward()
     assert layer.parametrizations.bias.original.grad is not None
+
+
+@pytest.mark.parametrize("name,how", [("mkl", "pip install mkl-include"),
+                                      ("cusparse", "CUDA toolkit")])
+def test_unbuilt_backend_says_how_to_build_it(monkeypatch, name, how):
+    monkeypatch.setattr(tn.backends._build_info, "BACKENDS", ["native"])
+    with pytest.raises(RuntimeError, match=f"not available in this build.*{how}"):
+        tn.SparseLinear(4, 6, density=0.5, backend=name)
+
+
+def test_cusparse_backend_refuses_cpu_tensors():
+    if "cusparse" not in tn.backends.available():
+        pytest.skip("built without cuSPARSE")
+    layer = tn.SparseLinear(10, 5, density=0.5, backend="cusparse")
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors only"):
+        layer(torch.randn(2, 10))

@@ -40,7 +40,10 @@ _HOW_TO_BUILD = {
             "torch: pip install mkl-include, then rebuild with "
             "pip install --no-build-isolation -e . (TORCH_NERVA_MKL=1 makes a missing header "
             "an error)"),
-    "cusparse": "the cuSPARSE backend is not implemented in this version of torch_nerva",
+    "cusparse": ("it is built when torch is a CUDA build and a CUDA toolkit with cusparse.h is "
+                 "found (CUDA_HOME, default /usr/local/cuda; pip torch's nvidia wheels provide "
+                 "cusparse.h): rebuild with pip install --no-build-isolation -e . "
+                 "(TORCH_NERVA_CUDA=1 makes a missing toolkit an error)"),
 }
 
 
@@ -83,6 +86,8 @@ def resolve(name: str, device: torch.device, dense: bool = False) -> str:
         return "cusparse" if "cusparse" in available() else "torch"
     if name in ("native", "mkl") and device.type != "cpu":
         raise RuntimeError(f"backend {name!r} runs on the CPU only, got a tensor on {device}")
+    if name == "cusparse" and device.type != "cuda":
+        raise RuntimeError(f"backend 'cusparse' runs on CUDA tensors only, got one on {device}")
     return name
 
 

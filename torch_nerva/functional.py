@@ -59,7 +59,7 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tenso
         if positions is None or positions.numel() != values.numel():
             positions = CSRLayout(crow, col, (out_features, in_features)).positions()
         y = dense_linear(x2, values, bias, positions, out_features, in_features)
-    elif which == "native":
+    elif which in ("native", "cusparse"):  # one op: CPU and CUDA kernels
         y = ops.sparse_linear(x2, values, bias, crow, col, crow_t, col_t, perm)
     elif which == "torch":
         y = _TorchSparseLinear.apply(x2, values, bias, crow, col, crow_t, col_t, perm)
