@@ -24,6 +24,7 @@ from ..modules import MaskedLinear, SparseLinear
 from . import memory
 from .config import lr_for
 from .data import Dataset
+from .report import median, ratio
 
 try:  # progress bars are a convenience: without tqdm the runs are just quiet
     from tqdm.auto import tqdm
@@ -133,14 +134,6 @@ def batch1_inference_us(models: Sequence[nn.Module], x: Tensor, calls: int) -> L
     return [1e6 * statistics.median(t) for t in times]
 
 
-def _median(values: Sequence[float]) -> Optional[float]:
-    return statistics.median(values) if values else None
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return None if a is None or not b else a / b
-
-
 def _progress(total: int, desc: str):
     if tqdm is None:
         return None
@@ -237,7 +230,7 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
     x = data.prepare(data.x_train[: exp["batch_size"]])
     y = data.y_train[: exp["batch_size"]]
     peak = [step_memory(m, o, x, y) for m, o in zip(twins, optimizers)]
-    mask_s, csr_s = (_median(t) for t in epoch_times)
+    mask_s, csr_s = (median(t) for t in epoch_times)
     return {
         "dataset": data.name,
         "density": density,
@@ -247,7 +240,7 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
         "layer_nnz": layer_nnz(csr),
         "mask_s_per_epoch": mask_s,
         "csr_s_per_epoch": csr_s,
-        "speedup": _ratio(mask_s, csr_s),
+        "speedup": ratio(mask_s, csr_s),
         "best_acc_mask": best_acc[0],
         "best_acc_csr": best_acc[1],
         "loss_drift": loss_drift,
@@ -255,7 +248,7 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
         "drift_steps": min(step, exp["check_steps"]),
         "infer_mask_us": infer[0],
         "infer_csr_us": infer[1],
-        "infer_speedup": _ratio(infer[0], infer[1]),
+        "infer_speedup": ratio(infer[0], infer[1]),
         "infer_dense_us": infer[2],
         "param_bytes_mask": memory.model_bytes(masked),
         "param_bytes_csr": memory.model_bytes(csr),
@@ -282,7 +275,7 @@ def run_inference(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]
             rows.append({
                 "density": density, "seed": seed, "nnz": sum(layer_nnz(csr)),
                 "infer_mask_us": infer[0], "infer_csr_us": infer[1],
-                "infer_speedup": _ratio(infer[0], infer[1]), "infer_dense_us": infer[2],
+                "infer_speedup": ratio(infer[0], infer[1]), "infer_dense_us": infer[2],
                 "param_bytes_mask": memory.model_bytes(masked),
                 "param_bytes_csr": memory.model_bytes(csr),
                 "disk_bytes_mask": disk_bytes(masked), "disk_bytes_csr": disk_bytes(csr),
@@ -333,7 +326,7 @@ def run_depth(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) ->
         mask_s, csr_s = (_epoch_seconds(s, exp) for s in step_s)
         rows.append({"depth": depth, "width": exp["width"], "density": exp["density"],
                      "nnz": sum(layer_nnz(csr)), "mask_s_per_epoch": mask_s,
-                     "csr_s_per_epoch": csr_s, "speedup": _ratio(mask_s, csr_s)})
+                     "csr_s_per_epoch": csr_s, "speedup": ratio(mask_s, csr_s)})
         log(f"  depth {depth}: mask {_fmt_s(mask_s)} CSR {_fmt_s(csr_s)} per epoch")
     return rows
 
@@ -380,7 +373,7 @@ def run_width(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) ->
             train_step(m, opt, x, y)  # momentum buffers exist from here on, as in training
             peaks.append(step_memory(m, opt, x, y))
         row.update(mask_s_per_epoch=mask_s, csr_s_per_epoch=csr_s,
-                   speedup=_ratio(mask_s, csr_s),
+                   speedup=ratio(mask_s, csr_s),
                    param_bytes_csr=memory.model_bytes(csr) if csr is not None else None,
                    param_bytes_mask=memory.model_bytes(masked) if masked is not None else None,
                    peak_bytes_mask=peaks[0], peak_bytes_csr=peaks[1], note="; ".join(notes))

@@ -119,9 +119,15 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.4f}+-{statistics.stdev(values):.4f}"
 
 
-def _median(values):
+def median(values) -> Optional[float]:
+    """The median of the values that are not None, or None when there are none."""
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    """``a / b``, or None when either is missing or ``b`` is 0."""
+    return None if a is None or not b else a / b
 
 
 def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
@@ -148,20 +154,20 @@ def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: st
               "disk MB c"]
     lines = []
     for density, group in group_by_density(rows).items():
-        mask_s = _median([s for r in group for s in r["mask_epoch_s"]])
-        csr_s = _median([s for r in group for s in r["csr_epoch_s"]])
+        mask_s = median([s for r in group for s in r["mask_epoch_s"]])
+        csr_s = median([s for r in group for s in r["csr_epoch_s"]])
         drift = max((r["loss_drift"] for r in group if r["loss_drift"] is not None),
                     default=None)
-        b1m = _median([r["infer_mask_us"] for r in group])
-        b1c = _median([r["infer_csr_us"] for r in group])
-        b1d = _median([r.get("infer_dense_us") for r in group])
+        b1m = median([r["infer_mask_us"] for r in group])
+        b1c = median([r["infer_csr_us"] for r in group])
+        b1d = median([r.get("infer_dense_us") for r in group])
         g0 = group[0]
         lines.append([
             f"{density:g}", str(g0["nnz"]), _f(mask_s, ".3f"), _f(csr_s, ".3f"),
-            _f(mask_s / csr_s if mask_s and csr_s else None, ".2f", "x"),
+            _f(ratio(mask_s, csr_s), ".2f", "x"),
             _mean_std([r["best_acc_mask"] for r in group]),
             _mean_std([r["best_acc_csr"] for r in group]), _f(drift, ".1e"),
-            _f(b1m, ".1f"), _f(b1c, ".1f"), _f(b1m / b1c if b1m and b1c else None, ".2f", "x"),
+            _f(b1m, ".1f"), _f(b1c, ".1f"), _f(ratio(b1m, b1c), ".2f", "x"),
             _f(b1d, ".1f"), f"{_mb(g0['param_bytes_mask'])}/{_mb(g0['param_bytes_csr'])}",
             f"{_mb(g0['peak_bytes_mask'])}/{_mb(g0['peak_bytes_csr'])}",
             _mb(g0["disk_bytes_csr"]),
@@ -188,12 +194,12 @@ def format_inference(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: 
               "param MB m/c", "disk MB m/c"]
     lines = []
     for density, group in group_by_density(rows).items():
-        b1m = _median([r["infer_mask_us"] for r in group])
-        b1c = _median([r["infer_csr_us"] for r in group])
-        b1d = _median([r.get("infer_dense_us") for r in group])
+        b1m = median([r["infer_mask_us"] for r in group])
+        b1c = median([r["infer_csr_us"] for r in group])
+        b1d = median([r.get("infer_dense_us") for r in group])
         g0 = group[0]
         lines.append([f"{density:g}", str(g0["nnz"]), _f(b1m, ".1f"), _f(b1c, ".1f"),
-                      _f(b1m / b1c if b1m and b1c else None, ".2f", "x"), _f(b1d, ".1f"),
+                      _f(ratio(b1m, b1c), ".2f", "x"), _f(b1d, ".1f"),
                       f"{_mb(g0['param_bytes_mask'])}/{_mb(g0['param_bytes_csr'])}",
                       f"{_mb(g0['disk_bytes_mask'])}/{_mb(g0['disk_bytes_csr'])}"])
     return (_table(header, lines) + f"\nb1: batch-1 inference, median of "
@@ -276,13 +282,13 @@ def plot_experiment(doc: Dict[str, Any], out: Path) -> List[Path]:
                                                    "so^"):
                 if any(r.get(key) is None for r in rows):
                     continue
-                ys = [_median([r[key] for r in groups[d]]) for d in sparse]
+                ys = [median([r[key] for r in groups[d]]) for d in sparse]
                 if xs:  # masked: large hollow squares, so that identical values stay visible
                     ax.plot(xs, ys, marker + "-", color=color, label=label,
                             markersize=9 if marker == "s" else 5,
                             markerfacecolor="none" if marker == "s" else color)
                 if dense:
-                    ref = _median([r[key] for r in dense])
+                    ref = median([r[key] for r in dense])
                     if ref is not None:
                         ax.axhline(ref, color=color, linestyle="--", linewidth=1,
                                    label=f"{label}, dense (density 1)")
