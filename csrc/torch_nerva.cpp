@@ -41,6 +41,15 @@ TORCH_LIBRARY(torch_nerva, m) {
   // Full validation of a CSR topology (O(nnz)); raises a clear error on the first problem.
   m.def("csr_check(Tensor crow, Tensor col, SymInt n_rows, SymInt n_cols) -> ()");
   // Test helper: how many distinct threads at::parallel_for used for n work items.
+  // yt = clamp(W xt + bias, lo, hi) on feature-major activations (n_in x ld): no transposes,
+  // for inference pipelines such as the Graph Challenge's (CPU).
+  m.def("csr_spmm_fm(Tensor xt, Tensor values, Tensor crow, Tensor col, Tensor? bias=None, "
+        "float? lo=None, float? hi=None) -> Tensor");
+  // For each input row of y0 (inputs x neurons): does it survive the chain of layers
+  // Y <- clamp(Y W_l^T + bias, lo, hi)? Chunks of inputs run through all layers per thread, in
+  // feature-major buffers; `prune` drops inputs that died (CPU; the Graph Challenge engine).
+  m.def("sparse_chain(Tensor y0, Tensor[] values, Tensor[] crows, Tensor[] cols, float bias, "
+        "float lo, float hi, int chunk, bool prune) -> Tensor");
   m.def("_parallel_probe(int n) -> Tensor");
   // Test and benchmark helpers: the kernels' instruction set ("" reads it, a name sets it),
   // and the instruction sets this CPU supports.

@@ -10,6 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import graphchallenge  # noqa: E402
 import kernels  # noqa: E402
 import mlp_step  # noqa: E402
 
@@ -96,3 +97,33 @@ def test_kernels_records_mismatch_and_errors(monkeypatch):
     assert rows["nn_linear"]["status"] == "mismatch" and "median_ms" not in rows["nn_linear"]
     assert rows["torch_sparse_fn"]["status"] == "oom"
     assert rows["nerva_auto"]["status"] == "ok" and rows["nerva_auto"]["median_ms"] > 0
+
+
+def test_graphchallenge_benchmark_tiny_run(tmp_path, capsys):
+    pytest.importorskip("scipy")
+    assert graphchallenge.main(["--neurons", "1024", "--layers", "12", "--inputs", "300",
+                                "--reps", "1", "--check-inputs", "0", "--threads", "1", "2",
+                                "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "graphchallenge.csv")
+    assert [(r["threads"], r["prune"]) for r in rows] == [
+        ("1", "True"), ("1", "False"), ("2", "True"), ("2", "False")]
+    assert all(r["exact_vs_scipy"] == "True" and float(r["rate"]) > 0 for r in rows)
+    assert len({r["categories"] for r in rows}) == 1
+    meta = json.loads((tmp_path / "graphchallenge.json").read_text())
+    assert meta["settings"]["neurons"] == 1024
+    assert "edges/s" in capsys.readouterr().out
+
+
+def test_graphchallenge_benchmark_reads_the_official_format(tmp_path):
+    pytest.importorskip("scipy")
+    data = ROOT / "tests" / "data" / "graphchallenge"
+    weights = tmp_path / "w"
+    weights.mkdir()
+    import gzip
+    for i in range(1, 7):
+        (weights / f"n1024-l{i}.tsv").write_bytes(gzip.decompress(
+            (data / f"n1024-l{i}.tsv.gz").read_bytes()))
+    config = tmp_path / "c.toml"
+    config.write_text(f'neurons = 1024\nlayers = 6\ninputs = 200\nreps = 1\n'
+                      f'weights_dir = "{weights}"\nout = "{tmp_path / "out"}"\n')
+    assert graphchallenge.main(["--config", str(config)]) == 0

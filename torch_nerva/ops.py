@@ -143,3 +143,15 @@ def mkl_spmm(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, n_cols: int,
         raise RuntimeError("this torch_nerva build has no MKL backend: pip install mkl-include, "
                            "then pip install --no-build-isolation -e .")
     return _ops.mkl_spmm(x, values, crow, col, n_cols, transpose)
+
+
+@torch.library.register_fake("torch_nerva::csr_spmm_fm")
+def _csr_spmm_fm_fake(xt, values, crow, col, bias=None, lo=None, hi=None):
+    torch._check(xt.dim() == 2, lambda: f"csr_spmm_fm: xt must be 2-D, got {xt.dim()}-D")
+    return xt.new_empty((crow.shape[0] - 1, xt.shape[1]))
+
+
+@torch.library.register_fake("torch_nerva::sparse_chain")
+def _sparse_chain_fake(y0, values, crows, cols, bias, lo, hi, chunk, prune):
+    torch._check(y0.dim() == 2, lambda: f"sparse_chain: y0 must be 2-D, got {y0.dim()}-D")
+    return y0.new_empty((y0.shape[0],), dtype=torch.bool)

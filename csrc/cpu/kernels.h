@@ -33,6 +33,10 @@ struct SpmmArgs {
   const S* bias;
   int64_t n_out;
   S* yt;
+  // With `clamp`, every output is min(max(y, lo), hi) (the Graph Challenge's ReLU capped at 32,
+  // fused into the store).
+  bool clamp = false;
+  S lo = S(0), hi = S(0);
 };
 
 // out[k] = sum_b G[b, row(k)] X[b, col(k)] with G and X transposed and padded alike:

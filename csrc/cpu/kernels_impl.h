@@ -58,7 +58,11 @@ inline void spmm_row_block(const SpmmArgs<S, I>& a, int64_t r, int64_t start, in
     for (int64_t j = 0; j < W; ++j) acc[j] += v * xr[j];
   }
   S* __restrict__ yt = a.yt + r * a.ld + b0;
-  for (int64_t j = 0; j < W; ++j) yt[j] = acc[j];
+  if (a.clamp) {
+    for (int64_t j = 0; j < W; ++j) yt[j] = acc[j] < a.lo ? a.lo : acc[j] > a.hi ? a.hi : acc[j];
+  } else {
+    for (int64_t j = 0; j < W; ++j) yt[j] = acc[j];
+  }
 }
 
 // Narrow batches (ld == batch < L): runtime-length accumulator, no padding.
@@ -76,7 +80,9 @@ inline void spmm_row_narrow(const SpmmArgs<S, I>& a, int64_t r, int64_t start, i
     const S* __restrict__ xr = a.xt + c * a.ld;
     for (int64_t j = 0; j < a.batch; ++j) acc[j] += v * xr[j];
   }
-  for (int64_t j = 0; j < a.batch; ++j) a.yt[r * a.ld + j] = acc[j];
+  for (int64_t j = 0; j < a.batch; ++j) {
+    a.yt[r * a.ld + j] = !a.clamp ? acc[j] : acc[j] < a.lo ? a.lo : acc[j] > a.hi ? a.hi : acc[j];
+  }
 }
 
 // Batch 1 (inference): a sparse dot product per row, four independent partial sums.
@@ -104,7 +110,8 @@ inline void spmm_row_single(const SpmmArgs<S, I>& a, int64_t r, int64_t start, i
     S v;
     if (nonzero<S, I>(a, k, c, v, err)) acc[0] += v * a.xt[c];
   }
-  a.yt[r] = (a.bias ? a.bias[r] : S(0)) + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  const S y = (a.bias ? a.bias[r] : S(0)) + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  a.yt[r] = !a.clamp ? y : y < a.lo ? a.lo : y > a.hi ? a.hi : y;
 }
 
 template <typename S, typename I>

@@ -13,6 +13,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -203,14 +204,16 @@ at::Tensor untranspose(const at::Tensor& yt, int64_t batch) {
   return y;
 }
 
-// y (batch x n_out) from xt (n_in x ld) and a CSR with n_out rows over n_in columns.
-at::Tensor spmm_transposed(const char* op, const at::Tensor& xt, int64_t batch,
-                           const at::Tensor& values, const at::Tensor& crow,
-                           const at::Tensor& col, const at::Tensor& perm,
-                           const at::Tensor& bias) {
+// yt (n_out x ld) from xt (n_in x ld) and a CSR with n_out rows over n_in columns, optionally
+// clamped to [lo, hi]; `batch` columns are meaningful (all ld are computed).
+at::Tensor spmm_feature_major(const char* op, const at::Tensor& xt, int64_t batch,
+                              const at::Tensor& values, const at::Tensor& crow,
+                              const at::Tensor& col, const at::Tensor& perm,
+                              const at::Tensor& bias, bool clamp = false, double lo = 0,
+                              double hi = 0) {
   const int64_t n_out = crow.numel() - 1, n_in = xt.size(0), n_pos = col.numel();
-  if (batch == 0 || n_out == 0) return at::empty({batch, n_out}, xt.options());
   at::Tensor yt = at::empty({n_out, xt.size(1)}, xt.options());
+  if (batch == 0 || n_out == 0) return yt;
   const at::Tensor vals = values.contiguous();
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   const at::Tensor perm_c = perm.defined() ? perm.contiguous() : perm;
@@ -224,7 +227,7 @@ at::Tensor spmm_transposed(const char* op, const at::Tensor& xt, int64_t batch,
           vals.numel(), crow_p, col_c.data_ptr<index_t>(),
           perm_c.defined() ? perm_c.data_ptr<index_t>() : nullptr,
           bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, n_out,
-          yt.data_ptr<scalar_t>()};
+          yt.data_ptr<scalar_t>(), clamp, static_cast<scalar_t>(lo), static_cast<scalar_t>(hi)};
       const auto fn = kernels<scalar_t, index_t>().spmm;
       KernelError err;
       parallel_rows(crow_p, n_out, batch, err,
@@ -232,7 +235,16 @@ at::Tensor spmm_transposed(const char* op, const at::Tensor& xt, int64_t batch,
       raise_if_any(op, err, crow_p, args.col, n_in, args.perm, vals.numel());
     });
   });
-  return untranspose(yt, batch);
+  return yt;
+}
+
+// y (batch x n_out) from xt (n_in x ld) and a CSR with n_out rows over n_in columns.
+at::Tensor spmm_transposed(const char* op, const at::Tensor& xt, int64_t batch,
+                           const at::Tensor& values, const at::Tensor& crow,
+                           const at::Tensor& col, const at::Tensor& perm,
+                           const at::Tensor& bias) {
+  if (batch == 0 || crow.numel() == 1) return at::empty({batch, crow.numel() - 1}, xt.options());
+  return untranspose(spmm_feature_major(op, xt, batch, values, crow, col, perm, bias), batch);
 }
 
 // out[k] for W's nonzeros from gt (n_out x ld) and xt (n_in x ld).
@@ -313,6 +325,156 @@ at::Tensor csr_spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at:
                          perm.value_or(at::Tensor()), bias.value_or(at::Tensor()));
 }
 
+// Feature-major SpMM for inference pipelines that keep activations transposed across layers:
+// yt = clamp(W xt + bias, lo, hi), xt (n_in x ld) with ld padded as padded_ld (or < one
+// vector); every column is computed.
+at::Tensor csr_spmm_fm_cpu(const at::Tensor& xt, const at::Tensor& values, const at::Tensor& crow,
+                           const at::Tensor& col, const c10::optional<at::Tensor>& bias,
+                           c10::optional<double> lo, c10::optional<double> hi) {
+  const char* op = "torch_nerva.csr_spmm_fm";
+  check_spmm_args(op, xt, values, crow, col, c10::nullopt, bias);
+  TORCH_CHECK(xt.is_contiguous(), op, ": xt must be contiguous (n_in x ld)");
+  TORCH_CHECK(lo.has_value() == hi.has_value() && (!lo.has_value() || *lo <= *hi), op,
+              ": give both lo and hi (lo <= hi) or neither");
+  const int64_t ld = xt.size(1);
+  const int64_t lanes = 64 / static_cast<int64_t>(xt.element_size());
+  TORCH_CHECK(ld < lanes || ld % lanes == 0, op, ": xt's columns must be fewer than ", lanes,
+              " or a multiple of it (pad with zero columns), got ", ld);
+  return spmm_feature_major(op, xt, ld, values, crow, col, at::Tensor(),
+                            bias.value_or(at::Tensor()), lo.has_value(), lo.value_or(0),
+                            hi.value_or(0));
+}
+
+// ---- a chain of sparse layers for inference (the Graph Challenge) -------------------------------
+
+// Runs the inputs (rows of y0) through every layer, Y <- clamp(Y W_l^T + bias, lo, hi), and
+// returns for each input whether its final activations hold a nonzero. Inputs are processed in
+// chunks of `chunk` columns, each chunk by one thread through all layers in feature-major
+// buffers that stay in cache: no transposes between layers, no barrier per layer. With `prune`,
+// columns that became all zero are dropped after each layer (with lo = 0 and bias <= 0 they can
+// never revive; the caller guarantees that).
+template <typename S, typename I>
+void chain_chunk(const S* y0, int64_t n0, int64_t first, int64_t width,
+                 const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& crows,
+                 const std::vector<at::Tensor>& cols, const std::vector<at::Tensor>& biases,
+                 S lo, S hi, bool prune, int64_t max_n, bool* alive_out, KernelError& err) {
+  const auto spmm = kernels<S, I>().spmm;
+  int64_t w = width, ld = padded_ld<S>(w);
+  std::vector<S> a(max_n * ld), b(max_n * ld);
+  std::vector<int64_t> ids(w);
+  for (int64_t j = 0; j < w; ++j) ids[j] = first + j;
+  for (int64_t i = 0; i < n0; ++i) {  // transpose this chunk of inputs, zero padding
+    S* row = a.data() + i * ld;
+    for (int64_t j = 0; j < w; ++j) row[j] = y0[(first + j) * n0 + i];
+    for (int64_t j = w; j < ld; ++j) row[j] = S(0);
+  }
+  int64_t n_in = n0;
+  std::vector<char> keep;
+  for (size_t l = 0; l < values.size() && w > 0; ++l) {
+    const int64_t n_out = crows[l].numel() - 1;
+    SpmmArgs<S, I> args{a.data(), w, ld, n_in, values[l].data_ptr<S>(), values[l].numel(),
+                        crows[l].data_ptr<I>(), cols[l].data_ptr<I>(), nullptr,
+                        biases[l].data_ptr<S>(), n_out, b.data(), true, lo, hi};
+    spmm(args, 0, n_out, err);
+    if (err.row >= 0 || err.pos >= 0) return;
+    std::swap(a, b);
+    n_in = n_out;
+    if (!prune) continue;
+    keep.assign(w, 0);
+    int64_t n_keep = 0;
+    for (int64_t i = 0; i < n_in && n_keep < w; ++i) {
+      const S* row = a.data() + i * ld;
+      for (int64_t j = 0; j < w; ++j) {
+        if (!keep[j] && row[j] != S(0)) {
+          keep[j] = 1;
+          ++n_keep;
+        }
+      }
+    }
+    if (n_keep == w) continue;
+    const int64_t ld_new = padded_ld<S>(n_keep);
+    for (int64_t i = 0; i < n_in; ++i) {  // left-pack kept columns, rows to the new stride
+      const S* src = a.data() + i * ld;
+      S* dst = a.data() + i * ld_new;  // dst <= src: safe in increasing order
+      int64_t k = 0;
+      for (int64_t j = 0; j < w; ++j) {
+        if (keep[j]) dst[k++] = src[j];
+      }
+      for (; k < ld_new; ++k) dst[k] = S(0);
+    }
+    int64_t k = 0;
+    for (int64_t j = 0; j < w; ++j) {
+      if (keep[j]) ids[k++] = ids[j];
+    }
+    w = n_keep;
+    ld = ld_new;
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    bool any = false;
+    for (int64_t i = 0; i < n_in && !any; ++i) any = a[i * ld + j] != S(0);
+    alive_out[ids[j]] = any;
+  }
+}
+
+at::Tensor sparse_chain_cpu(const at::Tensor& y0, at::TensorList values, at::TensorList crows,
+                            at::TensorList cols, double bias, double lo, double hi,
+                            int64_t chunk, bool prune) {
+  const char* op = "torch_nerva.sparse_chain";
+  TORCH_CHECK(y0.dim() == 2, op, ": y0 must be 2-D (inputs x neurons), got ", y0.sizes());
+  TORCH_CHECK(values.size() == crows.size() && values.size() == cols.size(), op,
+              ": values, crows and cols must have one entry per layer");
+  TORCH_CHECK(chunk >= 1, op, ": chunk must be >= 1, got ", chunk);
+  TORCH_CHECK(lo <= hi, op, ": lo must be <= hi");
+  TORCH_CHECK(!prune || (lo == 0 && bias <= 0), op,
+              ": pruning dead inputs is exact only with lo = 0 and bias <= 0");
+  const at::Tensor y = y0.contiguous();
+  std::vector<at::Tensor> v, c, k, biases;
+  int64_t n = y.size(1), max_n = n;
+  for (size_t l = 0; l < values.size(); ++l) {
+    check_index_pair(op, crows[l], cols[l]);
+    check_values(op, values[l], y, "y0");
+    TORCH_CHECK(crows[l].scalar_type() == crows[0].scalar_type(), op,
+                ": every layer must use one index dtype");
+    TORCH_CHECK(values[l].numel() == cols[l].numel(), op, ": layer ", l, " has ",
+                values[l].numel(), " values for ", cols[l].numel(), " indices");
+    v.push_back(values[l].contiguous());
+    c.push_back(crows[l].contiguous());
+    k.push_back(cols[l].contiguous());
+    const int64_t n_out = crows[l].numel() - 1;
+    AT_DISPATCH_INDEX_TYPES(crows[l].scalar_type(), "torch_nerva", [&] {
+      check_row_pointer_ends(op, c.back().data_ptr<index_t>(), n_out, cols[l].numel());
+    });
+    biases.push_back(at::full({n_out}, bias, y.options()));
+    max_n = std::max(max_n, n_out);
+    n = n_out;
+  }
+  const int64_t batch = y.size(0);
+  at::Tensor alive = at::zeros({batch}, y.options().dtype(at::kBool));
+  if (batch == 0) return alive;
+  if (values.empty()) return y.ne(0).any(1);
+  const int64_t n_chunks = (batch + chunk - 1) / chunk;
+  std::vector<KernelError> errors(n_chunks);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "torch_nerva", [&] {
+    AT_DISPATCH_INDEX_TYPES(c[0].scalar_type(), "torch_nerva", [&] {
+      at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t t = c0; t < c1; ++t) {
+          const int64_t first = t * chunk, width = std::min(chunk, batch - first);
+          chain_chunk<scalar_t, index_t>(y.data_ptr<scalar_t>(), y.size(1), first, width, v, c,
+                                         k, biases, static_cast<scalar_t>(lo),
+                                         static_cast<scalar_t>(hi), prune, max_n,
+                                         alive.data_ptr<bool>(), errors[t]);
+        }
+      });
+    });
+  });
+  for (const KernelError& e : errors) {
+    TORCH_CHECK(e.row < 0, op, ": a layer has a malformed row pointer (row ", e.row, ")");
+    TORCH_CHECK(e.pos < 0, op, ": a layer has a column index out of range (position ", e.pos,
+                "; layers must chain: each one's in_features is the previous out_features)");
+  }
+  return alive;
+}
+
 at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
                          const at::Tensor& col) {
   const char* op = "torch_nerva.csr_sddmm";
@@ -378,6 +540,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward_cpu(
 TORCH_LIBRARY_IMPL(torch_nerva, CPU, m) {
   m.impl("csr_spmm", &csr_spmm_cpu);
   m.impl("csr_sddmm", &csr_sddmm_cpu);
+  m.impl("csr_spmm_fm", &csr_spmm_fm_cpu);
+  m.impl("sparse_chain", &sparse_chain_cpu);
   m.impl("sparse_linear", &sparse_linear_cpu);
   m.impl("sparse_linear_backward", &sparse_linear_backward_cpu);
 }
