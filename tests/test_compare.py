@@ -68,11 +68,12 @@ def _write(tmp_path, text, name="c.toml"):
 def test_shipped_configs_parse():
     root = compare.config.default_config_path().parent
     names = sorted(p.name for p in root.glob("*.toml"))
-    for required in ("quick.toml", "paper.toml", "depth.toml", "width.toml", "inference.toml"):
+    for required in ("quick.toml", "paper.toml", "depth.toml", "width.toml", "inference.toml",
+                     "dst.toml"):
         assert required in names
     for name in names:
-        if name.startswith("kernels"):
-            continue  # the kernel benchmark's own format
+        if name.startswith(("kernels", "graphchallenge")):
+            continue  # the benchmarks' own formats
         cfg = config.load(root / name)
         assert cfg["experiments"]
     paper = config.load(root / "paper.toml")["experiments"][0]
@@ -323,3 +324,15 @@ def test_masked_estimate_bounds_the_measured_step():
         peak = experiments.step_memory(model, opt, x, y)
         est = memory.estimate_training_bytes(sizes, experiments.layer_nnz(csr), 100, is_masked)
         assert peak <= est <= 3 * peak, (is_masked, peak, est)
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_dst_runs_on_both_twins_alike(method):
+    exp = config.parse({"experiment": [{"kind": "density", "dataset": "synthetic-digits",
+                                        "hidden": [32], "densities": [0.2], "epochs": 2,
+                                        "check_steps": 30, "inference_calls": 2, "dst": method,
+                                        "dst_every": 4, "dst_end": 1.0}]})["experiments"][0]
+    (row,) = experiments.run_density(exp, data.load_data("synthetic-digits"), lambda s: None)
+    assert row["dst"] == method and row["dst_updates"] >= 5
+    assert row["dst_same_topology"] is True and row["dst_update_ms_csr"] > 0
+    assert row["loss_drift"] < 1e-4 and row["weight_drift"] < 1e-4

@@ -62,6 +62,14 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "check_steps": 10,             # steps over which the twins' drift is measured
         "inference_calls": 100,
         "eval_every": 1,               # epochs between test evaluations (and the last one)
+        # dynamic sparse training of both twins alike (torch_nerva.dst): "none" (static),
+        # "set" (SET drop + random growth, constant fraction) or "rigl" (magnitude drop +
+        # gradient growth, cosine-annealed fraction); every dst_every steps until dst_end of
+        # the training steps
+        "dst": "none",
+        "dst_fraction": 0.3,
+        "dst_every": 100,
+        "dst_end": 0.75,
     },
     "inference": {
         **_COMMON,
@@ -168,6 +176,12 @@ def _validate(exp: Dict[str, Any], where: str) -> None:
                          f"{exp['lr_milestones']!r}")
     if kind in ("density", "inference"):
         _check_positive_ints(where, "inference_calls", exp["inference_calls"])
+    if kind == "density":
+        if exp["dst"] not in ("none", "set", "rigl"):
+            _fail(where, f"dst must be none, set or rigl, got {exp['dst']!r}")
+        if not 0 <= exp["dst_fraction"] <= 1 or not 0 < exp["dst_end"] <= 1:
+            _fail(where, "dst_fraction must be in [0, 1] and dst_end in (0, 1]")
+        _check_positive_ints(where, "dst_every", exp["dst_every"])
     if "lr" in exp:
         lr = exp["lr"]
         if isinstance(lr, dict):

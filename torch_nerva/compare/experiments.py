@@ -183,6 +183,20 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
     milestones = sorted({max(1, round(f * epochs)) for f in exp["lr_milestones"]})
     schedulers = [torch.optim.lr_scheduler.MultiStepLR(o, milestones, exp["lr_gamma"])
                   for o in optimizers]
+    schedules = [None, None]
+    if exp["dst"] != "none":
+        from ..dst import DynamicSparsity
+        total = epochs * math.ceil(data.train_size / exp["batch_size"])
+        rigl = exp["dst"] == "rigl"
+        schedules = [DynamicSparsity(m, o, drop_fraction=exp["dst_fraction"],
+                                     drop="magnitude" if rigl else "set",
+                                     grow="gradient" if rigl else "random",
+                                     update_every=exp["dst_every"],
+                                     end=max(2, int(exp["dst_end"] * total)),
+                                     anneal="cosine" if rigl else "constant", seed=seed,
+                                     loss_fn=F.cross_entropy)
+                     for m, o in zip(twins, optimizers)]
+    update_s: List[float] = []
     order_gen = torch.Generator().manual_seed(seed)
     augment_gen = torch.Generator().manual_seed(seed + 1)
     augment = exp["augment"] and data.image
@@ -203,6 +217,11 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
             losses = [0.0, 0.0]
             for i in ((0, 1) if step % 2 == 0 else (1, 0)):
                 seconds, losses[i] = train_step(twins[i], optimizers[i], x, y)
+                if schedules[i] is not None:  # a topology update is training time too
+                    start = time.perf_counter()
+                    if schedules[i].step(batch=(x, y)) is not None and i == 1:
+                        update_s.append(time.perf_counter() - start)
+                    seconds += time.perf_counter() - start
                 if step > 0:
                     epoch_time[i] += seconds
                     timed = True
@@ -258,6 +277,13 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
         "disk_bytes_csr": disk_bytes(csr),
         "mask_epoch_s": epoch_times[0],
         "csr_epoch_s": epoch_times[1],
+        "dst": exp["dst"],
+        "dst_updates": len(update_s),
+        "dst_update_ms_csr": 1e3 * statistics.median(update_s) if update_s else None,
+        "dst_same_topology": (None if schedules[0] is None else all(
+            torch.equal(s.mask(), m.mask) for s, m in zip(
+                (l for l in csr.modules() if isinstance(l, SparseLinear)),
+                (l for l in masked.modules() if isinstance(l, MaskedLinear))))),
     }
 
 

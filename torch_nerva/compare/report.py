@@ -182,6 +182,14 @@ def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: st
             f"the trained CSR weights densified, no mask product); param: "
             f"parameters+buffers; peak: peak tensor memory of a training step; disk: "
             f"torch.save(state_dict) of the CSR model."]
+    if rows and rows[0].get("dst", "none") != "none":
+        updates = [r for r in rows if r.get("dst_updates")]
+        text.append(f"dynamic sparse training: {rows[0]['dst']} on both twins (same seed), "
+                    f"{max((r['dst_updates'] for r in rows), default=0)} topology updates per "
+                    f"run, median CSR update "
+                    f"{_f(median([r['dst_update_ms_csr'] for r in updates]), '.2f')} ms (included "
+                    f"in s/ep); twins' topologies identical at the end: "
+                    f"{all(r['dst_same_topology'] for r in rows)}")
     if acc == "syn-acc":
         text.append("syn-acc: accuracy on SYNTHETIC data, not meaningful.")
     if note:

@@ -1,0 +1,236 @@
+"""Dynamic sparse training: SET and RigL updates on SparseLinear and their masked twins."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torch_nerva as tn
+from torch_nerva import dst
+
+
+def _model(seed=0, density=0.1):
+    dense = nn.Sequential(nn.Linear(40, 96), nn.ReLU(), nn.Linear(96, 7))
+    return tn.sparsify(dense, density, generator=torch.Generator().manual_seed(seed))
+
+
+def _sparse_layers(model):
+    return [m for m in model.modules() if isinstance(m, tn.SparseLinear)]
+
+
+def _masked_layers(model):
+    return [m for m in model.modules() if isinstance(m, tn.MaskedLinear)]
+
+
+def _data(seed, n=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 40, generator=g), torch.randint(0, 7, (n,), generator=g)
+
+
+@pytest.mark.parametrize("drop,grow", [("magnitude", "random"), ("set", "random"),
+                                       ("magnitude", "gradient"), ("threshold", "random")])
+def test_nnz_is_exact_and_layout_valid_after_many_updates(drop, grow):
+    model = _model()
+    before = [m.nnz for m in _sparse_layers(model)]
+    gen = torch.Generator().manual_seed(1)
+    for i in range(8):
+        kw = dict(batch=_data(i), loss_fn=nn.functional.cross_entropy) if grow == "gradient" \
+            else {}
+        if drop == "threshold":
+            kw["threshold"] = 0.05
+        dst.prune_and_regrow(model, drop_fraction=0.4, drop=drop, grow=grow, generator=gen, **kw)
+        for layer, nnz in zip(_sparse_layers(model), before):
+            assert layer.nnz == nnz and layer.values.shape == (nnz,)
+            tn.CSRLayout.from_tensors(layer.crow_indices, layer.col_indices,
+                                      (layer.out_features, layer.in_features))  # validates
+            x = torch.randn(3, layer.in_features)
+            torch.testing.assert_close(layer(x), x @ layer.dense_weight().t() + layer.bias)
+            x.requires_grad_()
+            layer(x).sum().backward()  # the cached transpose matches the new layout
+            torch.testing.assert_close(x.grad, layer.dense_weight().sum(0).expand(3, -1))
+
+
+def test_drop_criteria_pick_the_documented_connections():
+    v = torch.tensor([0.5, -0.1, 0.05, -0.9, 0.2, -0.02, 1.0, -0.3])
+    assert sorted(dst._drop(v, 3, "magnitude", None).tolist()) == [1, 2, 5]
+    # SET: smallest positive and largest negative (closest to zero), same fraction of each sign
+    assert sorted(dst._drop(v, 4, "set", None).tolist()) == [1, 2, 4, 5]
+    assert sorted(dst._drop(v, 0, "threshold", 0.15).tolist()) == [1, 2, 5]
+
+
+def test_gradient_growth_picks_the_largest_dense_gradients():
+    layer = tn.SparseLinear(30, 20, density=0.2, generator=torch.Generator().manual_seed(0))
+    x, dy = torch.randn(16, 30), torch.randn(16, 20)
+    score = (dy.t() @ x).abs()
+    score[layer.mask()] = -1
+    expected = torch.topk(score.flatten(), 10).indices.sort().values
+    kept = layer.layout.positions()
+    old = dst.SCORE_BLOCK
+    try:
+        dst.SCORE_BLOCK = 64  # several blocks of rows
+        got = dst._grow_gradient(kept, 10, (20, 30), x, dy)
+    finally:
+        dst.SCORE_BLOCK = old
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    lambda p: torch.optim.Adam(p, lr=1e-2),
+], ids=["sgd_nesterov", "adam"])
+@pytest.mark.parametrize("drop,grow", [("magnitude", "random"), ("set", "random"),
+                                       ("magnitude", "gradient")])
+def test_masked_and_csr_twins_stay_identical_step_by_step(make_opt, drop, grow):
+    sparse = _model(seed=3)
+    masked = tn.to_masked(sparse)
+    opts = [make_opt(sparse.parameters()), make_opt(masked.parameters())]
+    values_ids = [id(m.values) for m in _sparse_layers(sparse)]
+    scheds = [dst.DynamicSparsity(m, o, drop_fraction=0.3, drop=drop, grow=grow, update_every=3,
+                                  anneal="constant", seed=7, loss_fn=nn.functional.cross_entropy)
+              for m, o in zip((sparse, masked), opts)]
+    for step in range(20):
+        x, y = _data(100 + step)
+        losses = []
+        for model, opt, sched in zip((sparse, masked), opts, scheds):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step(batch=(x, y))
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+        for s, m in zip(_sparse_layers(sparse), _masked_layers(masked)):
+            assert torch.equal(s.mask(), m.mask)
+            torch.testing.assert_close(s.dense_weight(), m.weight * m.mask, rtol=1e-5, atol=1e-6)
+    assert scheds[0].updates == 6
+    # the Parameter objects survived every update: the optimizer still holds them
+    assert [id(m.values) for m in _sparse_layers(sparse)] == values_ids
+    assert [id(p) for p in opts[0].param_groups[0]["params"]] == [
+        id(p) for p in sparse.parameters()]
+
+
+def test_optimizer_state_is_remapped_and_new_connections_start_at_zero():
+    layer = tn.SparseLinear(20, 10, density=0.3, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    layer(torch.randn(4, 20)).sum().backward()
+    opt.step()
+    old_pos = layer.layout.positions()
+    old_mom = opt.state[layer.values]["momentum_buffer"].clone()
+    old_val = layer.values.detach().clone()
+    counts = dst.update_layer(layer, opt, drop_fraction=0.5,
+                              generator=torch.Generator().manual_seed(1))
+    new_pos = layer.layout.positions()
+    mom = opt.state[layer.values]["momentum_buffer"]
+    assert mom.shape == layer.values.shape
+    for i, p in enumerate(new_pos.tolist()):
+        j = (old_pos == p).nonzero().flatten()
+        if j.numel() and not dst._in(torch.tensor([p]), new_pos[mom == 0]).item():
+            assert mom[i] == old_mom[j[0]] and layer.values[i] == old_val[j[0]]
+    assert int((layer.values == 0).sum()) >= counts["grown"]
+
+
+class _MaxAlloc(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("grow", ["random", "gradient"])
+def test_an_update_allocates_nothing_of_the_dense_size(grow):
+    out_f, in_f = 1500, 2000
+    model = nn.Sequential(tn.SparseLinear(in_f, out_f, density=0.01,
+                                          generator=torch.Generator().manual_seed(0)))
+    kw = {}
+    if grow == "gradient":
+        kw = dict(batch=(torch.randn(64, in_f), torch.randint(0, out_f, (64,))),
+                  loss_fn=nn.functional.cross_entropy)
+    probe = _MaxAlloc()
+    with probe:
+        dst.prune_and_regrow(model, drop_fraction=0.3, grow=grow,
+                             generator=torch.Generator().manual_seed(0), **kw)
+    assert probe.largest < out_f * in_f // 2, probe.largest
+
+
+def test_scheduler_timing_annealing_and_determinism():
+    fractions = []
+    for _ in range(2):
+        model = _model()
+        sched = dst.DynamicSparsity(model, drop_fraction=0.4, update_every=5, begin=5, end=30,
+                                    anneal="cosine", seed=11)
+        updated = [s for s in range(1, 40) if sched.step() is not None]
+        assert updated == [5, 10, 15, 20, 25]
+        fractions.append([h["fraction"] for h in sched.history])
+        masks = [m.mask() for m in _sparse_layers(model)]
+    assert fractions[0] == fractions[1] and fractions[0][0] == pytest.approx(0.4)
+    assert all(a > b for a, b in zip(fractions[0], fractions[0][1:]))
+    again = _model()
+    sched = dst.DynamicSparsity(again, drop_fraction=0.4, update_every=5, begin=5, end=30,
+                                anneal="cosine", seed=11)
+    for _ in range(39):
+        sched.step()
+    assert all(torch.equal(a, m.mask()) for a, m in zip(masks, _sparse_layers(again)))
+
+
+def test_bad_arguments():
+    model = _model()
+    with pytest.raises(ValueError, match="drop must be"):
+        dst.prune_and_regrow(model, drop_fraction=0.1, drop="random")
+    with pytest.raises(ValueError, match="drop_fraction"):
+        dst.prune_and_regrow(model, drop_fraction=1.5)
+    with pytest.raises(ValueError, match="needs batch"):
+        dst.prune_and_regrow(model, drop_fraction=0.1, grow="gradient")
+    with pytest.raises(ValueError, match="needs end"):
+        dst.DynamicSparsity(model, anneal="cosine")
+
+
+def _ddp_worker(rank, world, port, result):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = _model(seed=0)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    for step in range(6):
+        x, y = _data(1000 * rank + step)  # different data on every rank
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        # different seeds per rank on purpose: rank 0's decisions must win everywhere
+        dst.prune_and_regrow(model, opt, drop_fraction=0.3, grow="gradient", batch=(x, y),
+                             loss_fn=nn.functional.cross_entropy,
+                             generator=torch.Generator().manual_seed(rank))
+    layouts = [torch.cat([m.crow_indices.long(), m.col_indices.long()])
+               for m in _sparse_layers(model)]
+    gathered = [[torch.empty_like(t) for _ in range(world)] for t in layouts]
+    for t, g in zip(layouts, gathered):
+        torch.distributed.all_gather(g, t)
+    values = [m.values.detach() for m in _sparse_layers(model)]
+    gv = [[torch.empty_like(v) for _ in range(world)] for v in values]
+    for v, g in zip(values, gv):
+        torch.distributed.all_gather(g, v)
+    if rank == 0:
+        result.put([all(torch.equal(g[0], g[i]) for i in range(world)) for g in gathered + gv])
+    torch.distributed.destroy_process_group()
+
+
+def test_two_rank_ddp_layouts_stay_identical():
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    result = ctx.SimpleQueue()
+    mp.start_processes(_ddp_worker, args=(2, port, result), nprocs=2, start_method="spawn")
+    assert all(result.get())

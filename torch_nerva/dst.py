@@ -1,0 +1,346 @@
+"""Dynamic sparse training without a dense matrix: SET and RigL on SparseLinear layers.
+
+:func:`prune_and_regrow` drops a fraction of each layer's connections and grows as many new
+ones, so every layer keeps its nnz. The CSR layout and its cached transpose are rebuilt, the
+``values`` Parameter object stays the same (an existing optimizer keeps working) and the
+optimizer's per-weight state (SGD momentum, Adam moments, any state tensor shaped like the
+values) is remapped in place: surviving connections keep their state, new connections start
+from zero state and, by default, zero weight (RigL's semantics).
+
+Drop criteria: ``"magnitude"`` (smallest |w|), ``"set"`` (SET: the smallest positive and the
+largest negative weights, the same fraction of each sign), ``"threshold"`` (every |w| below
+``threshold``; nnz is still kept constant by growing as many). Grow criteria: ``"random"``
+(SET; uniform over non-connections, rejection-sampled from the flat index space) and
+``"gradient"`` (RigL: the largest |dL/dW| over non-connections, computed from the layer's input
+X and output gradient dY of a batch as dY^T X one block of rows at a time, never the whole
+out x in matrix). Dropped connections may be grown again in the same update.
+
+The same algorithm runs on :class:`MaskedLinear` twins through the same code and the same
+random stream, so a masked and a CSR model updated alike keep identical topologies.
+
+Under ``torch.distributed``, the new topology of every layer is broadcast from rank 0, so all
+ranks keep identical layouts even when their gradients (and so RigL's scores) differ.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .layout import CSRLayout
+from .modules import MaskedLinear, SparseLinear
+
+Layer = Union[SparseLinear, MaskedLinear]
+DROPS = ("magnitude", "set", "threshold")
+GROWS = ("random", "gradient")
+#: Elements of dY^T X computed at once by the gradient criterion (per block of rows).
+SCORE_BLOCK = 1 << 20
+
+
+def _layers(model: nn.Module) -> List[Tuple[str, Layer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, MaskedLinear))]
+
+
+def _positions_values(layer: Layer) -> Tuple[Tensor, Tensor]:
+    """Sorted flat positions (int64, CPU) and the values there (detached)."""
+    if isinstance(layer, SparseLinear):
+        return layer.layout.positions().cpu(), layer.values.detach()
+    flat = layer.mask.flatten().nonzero().flatten().cpu()
+    return flat, layer.weight.detach().flatten()[flat.to(layer.weight.device)]
+
+
+def _drop(values: Tensor, n_drop: int, how: str, threshold: Optional[float]) -> Tensor:
+    """Indices (into values) of the connections to drop."""
+    v = values.detach().cpu().double()
+    if how == "magnitude":
+        return torch.sort(v.abs(), stable=True).indices[:n_drop]
+    if how == "threshold":
+        return (v.abs() < threshold).nonzero().flatten()
+    # SET: the same fraction of each sign, the ones closest to zero
+    pos, neg = (v > 0).nonzero().flatten(), (v <= 0).nonzero().flatten()
+    frac = n_drop / max(v.numel(), 1)
+    k_pos = min(round(frac * pos.numel()), pos.numel())
+    k_neg = min(n_drop - k_pos, neg.numel())
+    k_pos = n_drop - k_neg
+    drop_pos = pos[torch.sort(v[pos], stable=True).indices[:k_pos]]
+    drop_neg = neg[torch.sort(-v[neg], stable=True).indices[:k_neg]]
+    return torch.cat([drop_pos, drop_neg])
+
+
+def _grow_random(kept: Tensor, n_grow: int, size: int, generator: torch.Generator) -> Tensor:
+    """``n_grow`` distinct flat positions not in ``kept`` (sorted), uniformly at random: drawn
+    from the flat index space and rejected when taken (expected draws < 2 x n_grow while at
+    most half the positions are taken); above that density the free positions are enumerated
+    (an allocation of the layer's dense size, only for such dense-ish layers)."""
+    free = size - kept.numel()
+    if n_grow > free:
+        raise ValueError(f"cannot grow {n_grow} connections: only {free} positions are free")
+    if n_grow == 0:
+        return torch.empty(0, dtype=torch.long)
+    if 2 * free < size:
+        taken = torch.zeros(size, dtype=torch.bool)
+        taken[kept] = True
+        candidates = (~taken).nonzero().flatten()
+        return candidates[torch.randperm(free, generator=generator)[:n_grow]]
+    chosen = torch.empty(0, dtype=torch.long)
+    while chosen.numel() < n_grow:
+        need = n_grow - chosen.numel()
+        draw = torch.randint(0, size, (max(2 * need, 64),), generator=generator)
+        draw = draw[~_in(draw, kept)]
+        merged = torch.cat([chosen, draw])
+        # first occurrences in draw order: the result depends only on the random stream
+        uniq, inverse = torch.unique(merged, return_inverse=True)
+        first = torch.full((uniq.numel(),), merged.numel(), dtype=torch.long)
+        first.scatter_reduce_(0, inverse, torch.arange(merged.numel()), reduce="amin")
+        chosen = merged[first.sort().values][:n_grow]
+    return chosen
+
+
+def _grow_gradient(kept: Tensor, n_grow: int, shape: Tuple[int, int], x: Tensor,
+                   dy: Tensor) -> Tensor:
+    """The ``n_grow`` non-connections with the largest |dY^T X|, in blocks of rows."""
+    n_out, n_in = shape
+    x = x.reshape(-1, n_in).double()
+    dy = dy.reshape(-1, n_out).double()
+    rows = max(1, SCORE_BLOCK // max(n_in, 1))
+    best_scores = torch.empty(0, dtype=torch.double)
+    best_pos = torch.empty(0, dtype=torch.long)
+    kept_rows = torch.div(kept, n_in, rounding_mode="floor")
+    for r0 in range(0, n_out, rows):
+        r1 = min(r0 + rows, n_out)
+        score = (dy[:, r0:r1].t() @ x).abs().cpu()  # (block x in), never out x in
+        lo, hi = torch.searchsorted(kept_rows, torch.tensor([r0, r1]))
+        inside = kept[lo:hi] - r0 * n_in
+        score.view(-1)[inside] = -1.0  # existing connections are not candidates
+        flat = score.view(-1)
+        k = min(n_grow, flat.numel())
+        top = torch.topk(flat, k, sorted=False)
+        best_scores = torch.cat([best_scores, top.values])
+        best_pos = torch.cat([best_pos, top.indices + r0 * n_in])
+        if best_scores.numel() > n_grow:  # keep the running top n_grow
+            keep = torch.topk(best_scores, n_grow, sorted=False).indices
+            best_scores, best_pos = best_scores[keep], best_pos[keep]
+    if (best_scores < 0).any():
+        raise ValueError(f"cannot grow {n_grow} connections: not enough free positions")
+    # ties: the same order on every run (scores, then position)
+    order = torch.sort(best_pos).indices
+    return best_pos[order]
+
+
+def _remap_state(optimizer: Optional[torch.optim.Optimizer], param: Tensor, old_n: int,
+                 old_index: Tensor, new_index: Tensor, new_n: int,
+                 positions: Optional[Tensor] = None) -> None:
+    """Per-weight optimizer state of ``param``: entries ``old_index`` move to ``new_index``,
+    everything else becomes zero (new connections). For a masked weight (``positions`` given),
+    the state is dense: dropped and grown positions are zeroed in place."""
+    if optimizer is None or param not in optimizer.state:
+        return
+    state = optimizer.state[param]
+    for key, t in list(state.items()):
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            continue
+        if positions is not None:
+            if t.shape == param.shape:
+                t.view(-1)[positions.to(t.device)] = 0
+            continue
+        if t.shape != (old_n,):
+            continue
+        new = t.new_zeros(new_n)
+        new[new_index.to(t.device)] = t[old_index.to(t.device)]
+        state[key] = new
+
+
+def _broadcast(positions: Tensor) -> Tensor:
+    """Rank 0's positions on every rank (identity outside torch.distributed)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return positions
+    buf = positions.clone()
+    if dist.get_backend() == "nccl":
+        buf = buf.cuda()
+    dist.broadcast(buf, src=0)
+    return buf.cpu()
+
+
+def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
+                 drop_fraction: float, drop: str = "magnitude", grow: str = "random",
+                 generator: Optional[torch.Generator] = None, threshold: Optional[float] = None,
+                 inputs: Optional[Tensor] = None, grad_outputs: Optional[Tensor] = None,
+                 grow_init: Optional[Callable[[int], Tensor]] = None) -> Dict[str, int]:
+    """Drop and regrow connections of one layer in place; returns the counts."""
+    if drop not in DROPS:
+        raise ValueError(f"drop must be one of {DROPS}, got {drop!r}")
+    if grow not in GROWS:
+        raise ValueError(f"grow must be one of {GROWS}, got {grow!r}")
+    if not 0 <= drop_fraction <= 1:
+        raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction}")
+    if drop == "threshold" and threshold is None:
+        raise ValueError("drop='threshold' needs threshold=")
+    if grow == "gradient" and (inputs is None or grad_outputs is None):
+        raise ValueError("grow='gradient' needs the layer's inputs and output gradients of a "
+                         "batch (prune_and_regrow captures them from batch= and loss_fn=)")
+    shape = (layer.out_features, layer.in_features)
+    size = shape[0] * shape[1]
+    positions, values = _positions_values(layer)
+    nnz = positions.numel()
+    n_drop = (math.floor(drop_fraction * nnz + 0.5) if drop != "threshold"
+              else int((values.abs() < threshold).sum()))
+    n_drop = min(n_drop, nnz)
+    dropped = _drop(values, n_drop, drop, threshold) if n_drop else torch.empty(0, dtype=torch.long)
+    n_drop = dropped.numel()
+    keep_mask = torch.ones(nnz, dtype=torch.bool)
+    keep_mask[dropped] = False
+    kept_idx = keep_mask.nonzero().flatten()
+    kept = positions[kept_idx]
+    if grow == "random":
+        gen = generator or torch.Generator().manual_seed(0)
+        grown = _grow_random(kept, n_drop, size, gen)
+    else:
+        grown = _grow_gradient(kept, n_drop, shape, inputs, grad_outputs)
+    new_positions = _broadcast(torch.sort(torch.cat([kept, grown])).values)
+    if new_positions.numel() != nnz:
+        raise RuntimeError("internal error: nnz changed during an update")
+    # where each surviving connection lands in the new sorted order
+    new_of_kept = torch.searchsorted(new_positions, kept)
+    valid = (new_of_kept < nnz) & (new_positions[new_of_kept.clamp_max(nnz - 1)] == kept)
+    kept_idx, new_of_kept = kept_idx[valid], new_of_kept[valid]
+    is_new = torch.ones(nnz, dtype=torch.bool)
+    is_new[new_of_kept] = False
+    new_values = values.new_zeros(nnz)
+    new_values[new_of_kept.to(values.device)] = values[kept_idx.to(values.device)]
+    fresh = is_new.nonzero().flatten()
+    if grow_init is not None and fresh.numel():
+        new_values[fresh.to(values.device)] = grow_init(fresh.numel()).to(new_values)
+    if isinstance(layer, SparseLinear):
+        old_n = layer.values.numel()
+        layout = CSRLayout.from_positions(new_positions, shape, layer.col_indices.dtype)
+        layer._adopt(layout, new_values)
+        _remap_state(optimizer, layer.values, old_n, kept_idx, new_of_kept, nnz)
+    else:
+        changed = torch.cat([positions[~_in(positions, new_positions)],
+                             new_positions[is_new]])
+        with torch.no_grad():
+            flat_w, flat_m = layer.weight.view(-1), layer.mask.view(-1)
+            dev = flat_w.device
+            flat_m[positions.to(dev)] = False
+            flat_m[new_positions.to(dev)] = True
+            flat_w[positions.to(dev)] = 0
+            flat_w[new_positions.to(dev)] = new_values
+        _remap_state(optimizer, layer.weight, 0, kept_idx, new_of_kept, 0, positions=changed)
+    return {"nnz": nnz, "dropped": n_drop, "grown": int(fresh.numel())}
+
+
+def _in(a: Tensor, sorted_b: Tensor) -> Tensor:
+    """Whether each element of ``a`` is in ``sorted_b``."""
+    if sorted_b.numel() == 0:
+        return torch.zeros(a.shape, dtype=torch.bool)
+    i = torch.searchsorted(sorted_b, a).clamp_max(sorted_b.numel() - 1)
+    return sorted_b[i] == a
+
+
+def _capture(model: nn.Module, layers: Sequence[Layer], batch, loss_fn) -> Dict[int, Tuple]:
+    """Inputs and output gradients of every layer for one batch, without touching .grad."""
+    saved: Dict[int, List] = {}
+    handles = []
+
+    def hook(module, args, output):
+        saved[id(module)] = [args[0].detach(), output]
+
+    for layer in layers:
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        x, y = batch
+        with torch.enable_grad():
+            loss = loss_fn(model(x), y)
+            outputs = [saved[id(m)][1] for m in layers]
+            grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return {id(m): (saved[id(m)][0], g if g is not None else torch.zeros_like(o))
+            for m, g, o in zip(layers, grads, outputs)}
+
+
+def prune_and_regrow(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
+                     drop_fraction: float, drop: str = "magnitude", grow: str = "random",
+                     generator: Optional[torch.Generator] = None,
+                     threshold: Optional[float] = None, batch=None, loss_fn=None,
+                     grow_init: Optional[Callable[[int], Tensor]] = None) -> Dict[str, Dict]:
+    """Update every SparseLinear (and MaskedLinear) of ``model`` in place, nnz per layer kept;
+    returns ``{layer name: {"nnz", "dropped", "grown"}}``.
+
+    ``grow="gradient"`` (RigL) scores non-connections by |dL/dW| on ``batch = (x, y)`` with
+    ``loss_fn(model(x), y)``: one extra forward and backward that reads only the layers' inputs
+    and output gradients (parameter ``.grad`` is left alone). ``generator`` drives the random
+    choices (one stream for all layers, in model order), so equally seeded updates of a masked
+    and a CSR twin pick the same connections.
+    """
+    layers = _layers(model)
+    captured = {}
+    if grow == "gradient":
+        if batch is None or loss_fn is None:
+            raise ValueError("grow='gradient' needs batch=(x, y) and loss_fn=")
+        captured = _capture(model, [m for _, m in layers], batch, loss_fn)
+    counts = {}
+    for name, layer in layers:
+        x, dy = captured.get(id(layer), (None, None))
+        counts[name] = update_layer(layer, optimizer, drop_fraction=drop_fraction, drop=drop,
+                                    grow=grow, generator=generator, threshold=threshold,
+                                    inputs=x, grad_outputs=dy, grow_init=grow_init)
+    return counts
+
+
+class DynamicSparsity:
+    """Drives :func:`prune_and_regrow` from a training loop: call :meth:`step` after every
+    ``optimizer.step()``.
+
+    Updates happen every ``update_every`` steps from ``begin`` to ``end`` (exclusive; None =
+    forever) with drop fraction ``drop_fraction`` annealed by ``anneal``: ``"constant"``,
+    ``"cosine"`` (to 0 at ``end``, RigL's default) or ``"exponential"`` (halved every
+    ``half_life`` updates). Deterministic for ``seed``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
+                 drop_fraction: float = 0.3, drop: str = "magnitude", grow: str = "random",
+                 update_every: int = 100, begin: int = 0, end: Optional[int] = None,
+                 anneal: str = "cosine", half_life: int = 10, seed: int = 0,
+                 loss_fn=None) -> None:
+        if anneal not in ("constant", "cosine", "exponential"):
+            raise ValueError(f"anneal must be constant, cosine or exponential, got {anneal!r}")
+        if anneal == "cosine" and end is None:
+            raise ValueError("anneal='cosine' needs end=")
+        if update_every < 1:
+            raise ValueError(f"update_every must be >= 1, got {update_every}")
+        self.model, self.optimizer = model, optimizer
+        self.drop_fraction, self.drop, self.grow = drop_fraction, drop, grow
+        self.update_every, self.begin, self.end = update_every, begin, end
+        self.anneal, self.half_life, self.loss_fn = anneal, half_life, loss_fn
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps = 0
+        self.updates = 0
+        self.history: List[Dict] = []
+
+    def fraction(self, step: int) -> float:
+        if self.anneal == "constant":
+            return self.drop_fraction
+        if self.anneal == "exponential":
+            return self.drop_fraction * 0.5 ** (self.updates / self.half_life)
+        span = max(self.end - self.begin, 1)
+        return self.drop_fraction / 2 * (1 + math.cos(math.pi * (step - self.begin) / span))
+
+    def step(self, batch=None) -> Optional[Dict[str, Dict]]:
+        """Count a training step; on update steps, update the topology and return the counts.
+        ``batch = (x, y)`` is needed for ``grow="gradient"``."""
+        self.steps += 1
+        s = self.steps
+        if s < self.begin or (self.end is not None and s >= self.end) or s % self.update_every:
+            return None
+        counts = prune_and_regrow(self.model, self.optimizer,
+                                  drop_fraction=self.fraction(s), drop=self.drop,
+                                  grow=self.grow, generator=self.generator, batch=batch,
+                                  loss_fn=self.loss_fn)
+        self.updates += 1
+        self.history.append({"step": s, "fraction": self.fraction(s), "counts": counts})
+        return counts
