@@ -30,6 +30,8 @@ from .layout import CSRLayout  # noqa: E402
 from .modules import MaskedLinear, SparseLinear  # noqa: E402
 from .convert import densify, sparsify, to_masked, to_sparse  # noqa: E402
 from .init import layer_densities  # noqa: E402
+from . import interchange  # noqa: E402
+from .interchange import summary  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -44,4 +46,6 @@ __all__ = [
     "densify",
     "layer_densities",
     "backends",
+    "interchange",
+    "summary",
 ]
