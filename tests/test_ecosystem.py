@@ -1,7 +1,6 @@
 """Fitting the PyTorch ecosystem: interchange formats, accounting, checkpoints and resume,
 DDP equivalence, concurrent use from threads, NaN/Inf and empty inputs."""
 import copy
-import io
 import os
 import socket
 import threading
