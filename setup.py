@@ -147,7 +147,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "tomli; python_version < '3.11'"],
     extras_require={
         "demo": ["scikit-learn", "matplotlib"],
-        "test": ["pytest", "scikit-learn", "scipy", "matplotlib"],
+        "test": ["pytest", "hypothesis", "scikit-learn", "scipy", "matplotlib"],
         "bench": ["matplotlib"],
         "mkl": ["mkl-include"],  # headers only, needed before the build: see README
     },
