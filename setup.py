@@ -6,7 +6,8 @@ another torch, and the extension must be compiled against the one it runs with).
 Environment flags (read here, summarised in one printed line and in torch_nerva/_build_info.py):
   TORCH_NERVA_OPENMP=0|1   OpenMP for the CPU kernels (default: on when torch uses OpenMP;
                            without -fopenmp at::parallel_for silently runs on one thread)
-  TORCH_NERVA_DEBUG=1      -O0 -g, for debuggers and sanitizers
+  TORCH_NERVA_DEBUG=1      -O0 -g, for debuggers
+  TORCH_NERVA_SANITIZE=address  build with AddressSanitizer (see README "Design in brief")
   TORCH_NERVA_CUDA=0|1     the cuSPARSE backend (default: on when torch is a CUDA build and the
                            toolkit (CUDA_HOME, default /usr/local/cuda) and cusparse.h are found;
                            host code only, so no nvcc run and no GPU needed to build)
@@ -88,9 +89,13 @@ if mkl and mkl_include is None:
     sys.exit("TORCH_NERVA_MKL=1 but mkl_spblas.h was not found: pip install mkl-include "
              "(headers only; the MKL library used is the one inside torch)")
 debug = _flag("TORCH_NERVA_DEBUG", False)
+sanitize = os.environ.get("TORCH_NERVA_SANITIZE", "").strip()
 
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
 link_flags = []
+if sanitize:  # e.g. address: run python with LD_PRELOAD=$(gcc -print-file-name=libasan.so)
+    cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}"]
+    link_flags.append(f"-fsanitize={sanitize}")
 if openmp:
     cxx_flags.append("-fopenmp")
     # Resolves to torch's own libgomp.so.1, already loaded by `import torch`: one runtime.
