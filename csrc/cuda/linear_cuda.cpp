@@ -110,6 +110,20 @@ DnMat dense(const at::Tensor& t, int64_t rows, int64_t cols, int64_t ld, cuspars
   return m;
 }
 
+// alpha = 1 and beta = 0 in the compute type of x (host pointers, cuSPARSE's default mode).
+struct OneZero {
+  double one_d = 1.0, zero_d = 0.0;
+  float one_f = 1.0f, zero_f = 0.0f;
+  const void* one;
+  const void* zero;
+  explicit OneZero(const at::Tensor& x) {
+    const bool f32 = x.scalar_type() == at::kFloat;
+    one = f32 ? static_cast<const void*>(&one_f) : &one_d;
+    zero = f32 ? static_cast<const void*>(&zero_f) : &zero_d;
+  }
+  OneZero(const OneZero&) = delete;  // the pointers point into this object
+};
+
 // y (batch x n_rows) = x (batch x n_cols) W^T for W (n_rows x n_cols) in CSR, + bias.
 at::Tensor spmm(const char* op, const at::Tensor& x, const at::Tensor& values,
                 const at::Tensor& crow, const at::Tensor& col, const at::Tensor& bias) {
@@ -124,11 +138,9 @@ at::Tensor spmm(const char* op, const at::Tensor& x, const at::Tensor& values,
     DnMat b = dense(xc, n_cols, batch, n_cols, CUSPARSE_ORDER_COL);
     DnMat c = dense(y, n_rows, batch, n_rows, CUSPARSE_ORDER_COL);
     cusparseHandle_t handle = at::cuda::getCurrentCUDASparseHandle();
-    const double one_d = 1.0, zero_d = 0.0;
-    const float one_f = 1.0f, zero_f = 0.0f;
-    const bool f32 = x.scalar_type() == at::kFloat;
-    const void* alpha = f32 ? static_cast<const void*>(&one_f) : &one_d;
-    const void* beta = f32 ? static_cast<const void*>(&zero_f) : &zero_d;
+    const OneZero scalars(x);
+    const void* alpha = scalars.one;
+    const void* beta = scalars.zero;
     size_t bytes = 0;
     TN_CUSPARSE_CHECK(cusparseSpMM_bufferSize(
         handle, CUSPARSE_OPERATION_NON_TRANSPOSE, CUSPARSE_OPERATION_NON_TRANSPOSE, alpha, a.d,
@@ -153,11 +165,9 @@ at::Tensor sddmm(const char* op, const at::Tensor& grad, const at::Tensor& x,
   DnMat a = dense(gc, batch, n_rows, n_rows, CUSPARSE_ORDER_ROW);  // dY, used transposed
   DnMat b = dense(xc, batch, n_cols, n_cols, CUSPARSE_ORDER_ROW);
   cusparseHandle_t handle = at::cuda::getCurrentCUDASparseHandle();
-  const double one_d = 1.0, zero_d = 0.0;
-  const float one_f = 1.0f, zero_f = 0.0f;
-  const bool f32 = x.scalar_type() == at::kFloat;
-  const void* alpha = f32 ? static_cast<const void*>(&one_f) : &one_d;
-  const void* beta = f32 ? static_cast<const void*>(&zero_f) : &zero_d;
+  const OneZero scalars(x);
+  const void* alpha = scalars.one;
+  const void* beta = scalars.zero;
   size_t bytes = 0;
   TN_CUSPARSE_CHECK(cusparseSDDMM_bufferSize(
       handle, CUSPARSE_OPERATION_TRANSPOSE, CUSPARSE_OPERATION_NON_TRANSPOSE, alpha, a.d, b.d,
