@@ -234,3 +234,22 @@ def test_two_rank_ddp_layouts_stay_identical():
     result = ctx.SimpleQueue()
     mp.start_processes(_ddp_worker, args=(2, port, result), nprocs=2, start_method="spawn")
     assert all(result.get())
+
+
+def test_global_allocation_drops_the_smallest_weights_across_layers():
+    model = _model(seed=5)
+    layers = _sparse_layers(model)
+    with torch.no_grad():
+        layers[1].values.mul_(0.001)  # the second layer's weights are all tiny
+    before = [m.nnz for m in layers]
+    masks = [m.mask() for m in layers]
+    total = sum(before)
+    counts = dst.prune_and_regrow(model, drop_fraction=0.1, allocation="global",
+                                  generator=torch.Generator().manual_seed(0))
+    dropped = [c["dropped"] for c in counts.values()]
+    assert sum(dropped) == round(0.1 * total)
+    assert dropped[0] == 0 and dropped[1] == round(0.1 * total)  # all from the tiny layer
+    assert [m.nnz for m in layers] == before
+    assert torch.equal(layers[0].mask(), masks[0]) and not torch.equal(layers[1].mask(), masks[1])
+    with pytest.raises(ValueError, match="drop='magnitude'"):
+        dst.prune_and_regrow(model, drop_fraction=0.1, drop="set", allocation="global")

@@ -168,8 +168,10 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
                  drop_fraction: float, drop: str = "magnitude", grow: str = "random",
                  generator: Optional[torch.Generator] = None, threshold: Optional[float] = None,
                  inputs: Optional[Tensor] = None, grad_outputs: Optional[Tensor] = None,
-                 grow_init: Optional[Callable[[int], Tensor]] = None) -> Dict[str, int]:
-    """Drop and regrow connections of one layer in place; returns the counts."""
+                 grow_init: Optional[Callable[[int], Tensor]] = None,
+                 n_drop: Optional[int] = None) -> Dict[str, int]:
+    """Drop and regrow connections of one layer in place; returns the counts. ``n_drop``
+    overrides the number dropped (``drop_fraction`` is then ignored)."""
     if drop not in DROPS:
         raise ValueError(f"drop must be one of {DROPS}, got {drop!r}")
     if grow not in GROWS:
@@ -185,8 +187,9 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
     size = shape[0] * shape[1]
     positions, values = _positions_values(layer)
     nnz = positions.numel()
-    n_drop = (math.floor(drop_fraction * nnz + 0.5) if drop != "threshold"
-              else int((values.abs() < threshold).sum()))
+    if n_drop is None:
+        n_drop = (math.floor(drop_fraction * nnz + 0.5) if drop != "threshold"
+                  else int((values.abs() < threshold).sum()))
     n_drop = min(n_drop, nnz)
     dropped = _drop(values, n_drop, drop, threshold) if n_drop else torch.empty(0, dtype=torch.long)
     n_drop = dropped.numel()
@@ -267,7 +270,8 @@ def prune_and_regrow(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
                      drop_fraction: float, drop: str = "magnitude", grow: str = "random",
                      generator: Optional[torch.Generator] = None,
                      threshold: Optional[float] = None, batch=None, loss_fn=None,
-                     grow_init: Optional[Callable[[int], Tensor]] = None) -> Dict[str, Dict]:
+                     grow_init: Optional[Callable[[int], Tensor]] = None,
+                     allocation: str = "layer") -> Dict[str, Dict]:
     """Update every SparseLinear (and MaskedLinear) of ``model`` in place, nnz per layer kept;
     returns ``{layer name: {"nnz", "dropped", "grown"}}``.
 
@@ -276,19 +280,38 @@ def prune_and_regrow(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
     and output gradients (parameter ``.grad`` is left alone). ``generator`` drives the random
     choices (one stream for all layers, in model order), so equally seeded updates of a masked
     and a CSR twin pick the same connections.
+
+    ``allocation="layer"`` (default) drops ``drop_fraction`` of every layer; ``"global"`` (with
+    ``drop="magnitude"``) drops the ``drop_fraction`` of all connections with the smallest
+    magnitudes across layers, and each layer regrows as many as it lost, so per-layer nnz stays
+    constant while the drop budget goes where the weights are smallest.
     """
+    if allocation not in ("layer", "global"):
+        raise ValueError(f"allocation must be 'layer' or 'global', got {allocation!r}")
+    if allocation == "global" and drop != "magnitude":
+        raise ValueError("allocation='global' ranks magnitudes across layers: use drop='magnitude'")
     layers = _layers(model)
+    budgets: Dict[int, int] = {}
+    if allocation == "global" and layers:
+        mags = [(_positions_values(m)[1].detach().abs().cpu().double(), i)
+                for i, (_, m) in enumerate(layers)]
+        everything = torch.cat([v for v, _ in mags])
+        owner = torch.cat([torch.full((v.numel(),), i) for v, i in mags])
+        k = math.floor(drop_fraction * everything.numel() + 0.5)
+        chosen = owner[torch.sort(everything, stable=True).indices[:k]]
+        budgets = {i: int((chosen == i).sum()) for _, i in mags}
     captured = {}
     if grow == "gradient":
         if batch is None or loss_fn is None:
             raise ValueError("grow='gradient' needs batch=(x, y) and loss_fn=")
         captured = _capture(model, [m for _, m in layers], batch, loss_fn)
     counts = {}
-    for name, layer in layers:
+    for i, (name, layer) in enumerate(layers):
         x, dy = captured.get(id(layer), (None, None))
         counts[name] = update_layer(layer, optimizer, drop_fraction=drop_fraction, drop=drop,
                                     grow=grow, generator=generator, threshold=threshold,
-                                    inputs=x, grad_outputs=dy, grow_init=grow_init)
+                                    inputs=x, grad_outputs=dy, grow_init=grow_init,
+                                    n_drop=budgets.get(i))
     return counts
 
 
@@ -306,7 +329,7 @@ class DynamicSparsity:
                  drop_fraction: float = 0.3, drop: str = "magnitude", grow: str = "random",
                  update_every: int = 100, begin: int = 0, end: Optional[int] = None,
                  anneal: str = "cosine", half_life: int = 10, seed: int = 0,
-                 loss_fn=None) -> None:
+                 loss_fn=None, allocation: str = "layer") -> None:
         if anneal not in ("constant", "cosine", "exponential"):
             raise ValueError(f"anneal must be constant, cosine or exponential, got {anneal!r}")
         if anneal == "cosine" and end is None:
@@ -317,6 +340,7 @@ class DynamicSparsity:
         self.drop_fraction, self.drop, self.grow = drop_fraction, drop, grow
         self.update_every, self.begin, self.end = update_every, begin, end
         self.anneal, self.half_life, self.loss_fn = anneal, half_life, loss_fn
+        self.allocation = allocation
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
         self.updates = 0
@@ -340,7 +364,7 @@ class DynamicSparsity:
         counts = prune_and_regrow(self.model, self.optimizer,
                                   drop_fraction=self.fraction(s), drop=self.drop,
                                   grow=self.grow, generator=self.generator, batch=batch,
-                                  loss_fn=self.loss_fn)
+                                  loss_fn=self.loss_fn, allocation=self.allocation)
         self.updates += 1
         self.history.append({"step": s, "fraction": self.fraction(s), "counts": counts})
         return counts
