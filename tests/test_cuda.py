@@ -6,7 +6,7 @@ from torch import nn
 
 import torch_nerva as tn
 from conftest import tol
-from reference import random_layout
+from reference import assert_twins_train_alike, random_layout
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or "cusparse" not in tn.backends.available(),
@@ -60,21 +60,9 @@ def test_cuda_matches_cpu_and_is_deterministic(dtype, index_dtype):
 def test_cuda_twins_train_identically():
     dense = nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 5))
     sparse = tn.sparsify(dense, 0.2, generator=torch.Generator().manual_seed(0)).to(DEV)
-    masked = tn.to_masked(sparse)
-    g = torch.Generator().manual_seed(1)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-            for m in (sparse, masked)]
-    for _ in range(20):
-        x = torch.randn(16, 24, generator=g).to(DEV)
-        y = torch.randint(0, 5, (16,), generator=g).to(DEV)
-        losses = []
-        for model, opt in zip((sparse, masked), opts):
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    assert_twins_train_alike(
+        sparse, tn.to_masked(sparse),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), device=DEV)
 
 
 def test_opcheck_cuda_ops(gen):

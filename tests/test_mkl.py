@@ -11,7 +11,7 @@ from torch import nn
 import torch_nerva as tn
 from torch_nerva import ops
 from conftest import tol
-from reference import random_layout
+from reference import assert_twins_train_alike, random_layout
 
 pytestmark = pytest.mark.skipif("mkl" not in tn.backends.available(),
                                 reason="built without the MKL backend (pip install mkl-include)")
@@ -70,19 +70,7 @@ def test_opcheck_mkl_spmm(gen):
 def test_mkl_twins_train_identically_for_20_steps(make_opt):
     dense = nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 5))
     sparse = tn.sparsify(dense, 0.2, generator=torch.Generator().manual_seed(0), backend="mkl")
-    masked = tn.to_masked(sparse)
-    g = torch.Generator().manual_seed(1)
-    opts = [make_opt(sparse.parameters()), make_opt(masked.parameters())]
-    for _ in range(20):
-        x, y = torch.randn(16, 24, generator=g), torch.randint(0, 5, (16,), generator=g)
-        losses = []
-        for model, opt in zip((sparse, masked), opts):
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    assert_twins_train_alike(sparse, tn.to_masked(sparse), make_opt)
 
 
 def test_mkl_with_torch_compile():
