@@ -10,6 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import dst_update  # noqa: E402
 import graphchallenge  # noqa: E402
 import kernels  # noqa: E402
 import mlp_step  # noqa: E402
@@ -77,6 +78,17 @@ def test_mlp_step_tiny(tmp_path):
             assert float(r[key]) > 0, key
         assert len(r["backends"].split()) == 3
     assert json.loads((tmp_path / "mlp_step.json").read_text())["settings"]["hidden"] == [16, 8]
+
+
+def test_dst_update_tiny(tmp_path):
+    assert dst_update.main(["--hidden", "16", "8", "--densities", "0.2", "--reps", "2",
+                            "--window", "2", "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "dst_update.csv")
+    assert [r["method"] for r in rows] == ["set", "rigl", "momentum"]
+    for r in rows:
+        assert r["status"] == "ok", r["note"]
+        for key in ("nnz", "csr_update_ms", "masked_update_ms", "csr_step_ms"):
+            assert float(r[key]) > 0, key
 
 
 def test_kernels_records_mismatch_and_errors(monkeypatch):

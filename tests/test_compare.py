@@ -326,7 +326,7 @@ def test_masked_estimate_bounds_the_measured_step():
         assert peak <= est <= 3 * peak, (is_masked, peak, est)
 
 
-@pytest.mark.parametrize("method", ["set", "rigl"])
+@pytest.mark.parametrize("method", ["set", "rigl", "momentum"])
 def test_dst_runs_on_both_twins_alike(method):
     exp = config.parse({"experiment": [{"kind": "density", "dataset": "synthetic-digits",
                                         "hidden": [32], "densities": [0.2], "epochs": 2,

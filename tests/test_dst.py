@@ -82,14 +82,15 @@ def test_gradient_growth_picks_the_largest_dense_gradients():
     lambda p: torch.optim.Adam(p, lr=1e-2),
 ], ids=["sgd_nesterov", "adam"])
 @pytest.mark.parametrize("drop,grow", [("magnitude", "random"), ("set", "random"),
-                                       ("magnitude", "gradient")])
+                                       ("magnitude", "gradient"), ("magnitude", "momentum")])
 def test_masked_and_csr_twins_stay_identical_step_by_step(make_opt, drop, grow):
     sparse = _model(seed=3)
     masked = tn.to_masked(sparse)
     opts = [make_opt(sparse.parameters()), make_opt(masked.parameters())]
     values_ids = [id(m.values) for m in _sparse_layers(sparse)]
     scheds = [dst.DynamicSparsity(m, o, drop_fraction=0.3, drop=drop, grow=grow, update_every=3,
-                                  anneal="constant", seed=7, loss_fn=nn.functional.cross_entropy)
+                                  anneal="constant", seed=7, loss_fn=nn.functional.cross_entropy,
+                                  momentum_window=2)
               for m, o in zip((sparse, masked), opts)]
     for step in range(20):
         x, y = _data(100 + step)
@@ -145,15 +146,21 @@ class _MaxAlloc(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("grow", ["random", "gradient"])
+@pytest.mark.parametrize("grow", ["random", "gradient", "momentum"])
 def test_an_update_allocates_nothing_of_the_dense_size(grow):
     out_f, in_f = 1500, 2000
     model = nn.Sequential(tn.SparseLinear(in_f, out_f, density=0.01,
                                           generator=torch.Generator().manual_seed(0)))
+    batch = (torch.randn(64, in_f), torch.randint(0, out_f, (64,)))
     kw = {}
     if grow == "gradient":
-        kw = dict(batch=(torch.randn(64, in_f), torch.randint(0, out_f, (64,))),
-                  loss_fn=nn.functional.cross_entropy)
+        kw = dict(batch=batch, loss_fn=nn.functional.cross_entropy)
+    if grow == "momentum":
+        rec = dst.GradientMomentum(model, window=3).start()
+        for _ in range(4):
+            nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+            rec.next_step()
+        kw = dict(momentum=rec)
     probe = _MaxAlloc()
     with probe:
         dst.prune_and_regrow(model, drop_fraction=0.3, grow=grow,
@@ -253,3 +260,80 @@ def test_global_allocation_drops_the_smallest_weights_across_layers():
     assert torch.equal(layers[0].mask(), masks[0]) and not torch.equal(layers[1].mask(), masks[1])
     with pytest.raises(ValueError, match="drop='magnitude'"):
         dst.prune_and_regrow(model, drop_fraction=0.1, drop="set", allocation="global")
+
+
+def test_select_matches_a_stable_sort_with_ties_and_nan():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 100, 1000):
+        keys = torch.randint(0, 5, (n,), generator=g).double()  # many ties
+        for k in (0, 1, n // 3, n):
+            for largest in (False, True):
+                ref = torch.sort(-keys if largest else keys, stable=True).indices[:k].sort().values
+                assert torch.equal(dst._select(keys, k, largest), ref)
+    keys = torch.tensor([0.3, float("nan"), 0.1, 0.2])
+    assert dst._select(keys, 3, largest=False).tolist() == [0, 2, 3]
+
+
+def test_momentum_growth_scores_the_truncated_momentum_of_the_dense_gradient():
+    torch.manual_seed(0)
+    model = _model(seed=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    beta, window = 0.8, 3
+    rec = dst.GradientMomentum(model, beta=beta, window=window).start()
+    dense_grads = []
+    for step in range(5):
+        x, y = _data(50 + step)
+        # the dense gradient at the same weights, from a dense copy of the model
+        ref = nn.Sequential(nn.Linear(40, 96), nn.ReLU(), nn.Linear(96, 7))
+        with torch.no_grad():
+            for d, s in zip((ref[0], ref[2]), _sparse_layers(model)):
+                d.weight.copy_(s.dense_weight())
+                d.bias.copy_(s.bias)
+        nn.functional.cross_entropy(ref(x), y).backward()
+        dense_grads.append([ref[0].weight.grad, ref[2].weight.grad])
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model(x)  # an evaluation forward: not recorded
+        rec.next_step()
+    assert rec.steps_recorded() == window
+    for i, layer in enumerate(_sparse_layers(model)):
+        m = sum(beta ** (4 - t) * dense_grads[t][i] for t in range(5 - window, 5))
+        x, dy = rec.inputs_for(layer)
+        torch.testing.assert_close(dy.t() @ x, m, rtol=1e-4, atol=1e-6)
+        score = m.abs()
+        score[layer.mask()] = -1
+        k = layer.nnz // 4
+        expected = torch.topk(score.flatten(), k).indices.sort().values
+        assert torch.equal(dst._grow_gradient(layer.layout.positions(), k, score.shape, x, dy),
+                           expected)
+    rec.stop()
+    model(_data(0)[0]).sum().backward()
+    assert rec.steps_recorded() == window  # stopped: nothing more recorded
+
+
+def test_momentum_schedule_records_only_the_window_before_each_update():
+    model = _model(seed=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = dst.DynamicSparsity(model, opt, drop_fraction=0.3, grow="momentum", update_every=10,
+                                end=35, anneal="constant", momentum=0.9, momentum_window=4)
+    recording = []
+    for step in range(1, 41):
+        recording.append(sched.recorder.recording)
+        x, y = _data(step)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sched.step() is not None:
+            assert step in (10, 20, 30)
+    assert [s for s, r in zip(range(1, 41), recording) if r] == [
+        7, 8, 9, 10, 17, 18, 19, 20, 27, 28, 29, 30]
+    assert sched.updates == 3 and not sched.recorder.recording
+    with pytest.raises(ValueError, match="no training step was recorded"):
+        dst.prune_and_regrow(model, drop_fraction=0.1, grow="momentum",
+                             momentum=dst.GradientMomentum(model))
+    with pytest.raises(ValueError, match="needs momentum="):
+        dst.prune_and_regrow(model, drop_fraction=0.1, grow="momentum")

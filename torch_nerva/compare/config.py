@@ -63,9 +63,10 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "inference_calls": 100,
         "eval_every": 1,               # epochs between test evaluations (and the last one)
         # dynamic sparse training of both twins alike (torch_nerva.dst): "none" (static),
-        # "set" (SET drop + random growth, constant fraction) or "rigl" (magnitude drop +
-        # gradient growth, cosine-annealed fraction); every dst_every steps until dst_end of
-        # the training steps
+        # "set" (SET drop + random growth, constant fraction), "rigl" (magnitude drop +
+        # gradient growth, cosine-annealed fraction) or "momentum" (magnitude drop + growth by
+        # the gradient momentum of the last min(dst_every, 20) steps, beta 0.9, cosine);
+        # every dst_every steps until dst_end of the training steps
         "dst": "none",
         "dst_fraction": 0.3,
         "dst_every": 100,
@@ -177,8 +178,8 @@ def _validate(exp: Dict[str, Any], where: str) -> None:
     if kind in ("density", "inference"):
         _check_positive_ints(where, "inference_calls", exp["inference_calls"])
     if kind == "density":
-        if exp["dst"] not in ("none", "set", "rigl"):
-            _fail(where, f"dst must be none, set or rigl, got {exp['dst']!r}")
+        if exp["dst"] not in ("none", "set", "rigl", "momentum"):
+            _fail(where, f"dst must be none, set, rigl or momentum, got {exp['dst']!r}")
         if not 0 <= exp["dst_fraction"] <= 1 or not 0 < exp["dst_end"] <= 1:
             _fail(where, "dst_fraction must be in [0, 1] and dst_end in (0, 1]")
         _check_positive_ints(where, "dst_every", exp["dst_every"])

@@ -187,14 +187,16 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
     if exp["dst"] != "none":
         from ..dst import DynamicSparsity
         total = epochs * math.ceil(data.train_size / exp["batch_size"])
-        rigl = exp["dst"] == "rigl"
+        set_ = exp["dst"] == "set"
         schedules = [DynamicSparsity(m, o, drop_fraction=exp["dst_fraction"],
-                                     drop="magnitude" if rigl else "set",
-                                     grow="gradient" if rigl else "random",
+                                     drop="set" if set_ else "magnitude",
+                                     grow={"set": "random", "rigl": "gradient",
+                                           "momentum": "momentum"}[exp["dst"]],
                                      update_every=exp["dst_every"],
                                      end=max(2, int(exp["dst_end"] * total)),
-                                     anneal="cosine" if rigl else "constant", seed=seed,
-                                     loss_fn=F.cross_entropy)
+                                     anneal="constant" if set_ else "cosine", seed=seed,
+                                     loss_fn=F.cross_entropy, momentum=0.9,
+                                     momentum_window=min(exp["dst_every"], 20))
                      for m, o in zip(twins, optimizers)]
     update_s: List[float] = []
     order_gen = torch.Generator().manual_seed(seed)
