@@ -335,4 +335,5 @@ def test_dst_runs_on_both_twins_alike(method):
     (row,) = experiments.run_density(exp, data.load_data("synthetic-digits"), lambda s: None)
     assert row["dst"] == method and row["dst_updates"] >= 5
     assert row["dst_same_topology"] is True and row["dst_update_ms_csr"] > 0
+    assert row["dst_topology_checks"] == row["dst_updates"]
     assert row["loss_drift"] < 1e-4 and row["weight_drift"] < 1e-4

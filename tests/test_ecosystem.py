@@ -63,6 +63,56 @@ def test_npz_round_trip_size_and_topology_adoption(tmp_path):
         ic.load_npz(wrong, tmp_path / "m.npz")
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("gz", [False, True])
+def test_tsv_round_trip_in_both_orientations(tmp_path, transpose, gz):
+    layer = _layer(seed=3, density=0.3)
+    path = tmp_path / "w.tsv"
+    n = ic.to_tsv(layer, path, transpose=transpose)
+    assert n == layer.nnz == len(path.read_text().splitlines())
+    if gz:
+        import gzip
+        gz_path = tmp_path / "w.tsv.gz"
+        gz_path.write_bytes(gzip.compress(path.read_bytes()))
+        path = gz_path
+    shape = (20, 30) if transpose else (30, 20)  # the file's matrix
+    back = ic.from_tsv(path, shape, transpose=transpose)
+    assert back.bias is None and (back.out_features, back.in_features) == (30, 20)
+    assert torch.equal(back.dense_weight(), layer.dense_weight().detach())
+    x = torch.randn(4, 20)
+    torch.testing.assert_close(back(x), x @ layer.dense_weight().detach().t())
+    with pytest.raises(ValueError, match="outside"):
+        ic.from_tsv(path, (shape[0] - 1, shape[1]) if transpose else (shape[0], shape[1] - 1),
+                    transpose=transpose)
+
+
+def test_from_layout_checks_and_copies():
+    layout = tn.CSRLayout.random(6, 5, 7, generator=torch.Generator().manual_seed(0))
+    values = torch.randn(7, dtype=torch.float64)
+    layer = tn.SparseLinear.from_layout(layout, values, torch.ones(6, dtype=torch.float64))
+    assert layer.values.dtype == torch.float64 and torch.equal(layer.values, values)
+    values.zero_()
+    assert layer.values.abs().sum() > 0  # copied, not shared
+    assert torch.equal(tn.SparseLinear.from_layout(layout, values, has_bias=True).bias,
+                       torch.zeros(6, dtype=torch.float64))
+    assert tn.SparseLinear.from_layout(layout, values).bias is None
+    with pytest.raises(ValueError, match="values must have shape"):
+        tn.SparseLinear.from_layout(layout, torch.randn(6))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        tn.SparseLinear.from_layout(layout, torch.randn(7), torch.randn(5))
+
+
+def test_npz_with_values_of_the_wrong_length_is_refused(tmp_path):
+    model = nn.Sequential(_layer())
+    ic.save_npz(model, tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as data:
+        arrays = dict(data)
+    arrays["0.values"] = arrays["0.values"][:-1]
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match="values has shape"):
+        ic.load_npz(model, tmp_path / "bad.npz")
+
+
 def test_summary_counts():
     model = nn.Sequential(tn.SparseLinear(100, 50, density=0.1), nn.ReLU(),
                           tn.MaskedLinear(50, 10, density=0.5), nn.Linear(10, 2))

@@ -45,6 +45,8 @@ def test_loaded_layer_computes_y_times_w():
     ("0\t1\t0.0625\n", "outside 1..1024"),
     ("1\t1\t0.0625\n1\t1\t0.0625\n", "duplicate"),
     ("1.5\t1\t0.0625\n", "integers"),
+    ("nan\t1\t0.0625\n", "finite integers"),
+    ("1\tx\t0.0625\n", "not a file of numbers"),
 ])
 def test_bad_weight_files_are_refused(tmp_path, text, message):
     path = tmp_path / "w.tsv"

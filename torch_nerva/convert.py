@@ -136,14 +136,9 @@ def to_sparse(model: nn.Module, *, inplace: bool = False, backend: Optional[str]
     and ``weight[mask]`` as values (bit-identical); ``backend`` defaults to the layer's."""
 
     def make(name, m: MaskedLinear) -> SparseLinear:
-        layer = SparseLinear(m.in_features, m.out_features, m.bias is not None, nnz=0,
-                             backend=backend or m.backend, device=m.weight.device,
-                             dtype=m.weight.dtype)
         layout = CSRLayout.from_mask(m.mask, index_dtype)
-        layer._adopt(layout, m.weight.detach().flatten()[layout.positions().to(m.weight.device)])
-        if m.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(m.bias)
+        values = m.weight.detach().flatten()[layout.positions().to(m.weight.device)]
+        layer = SparseLinear.from_layout(layout, values, m.bias, backend=backend or m.backend)
         layer.train(m.training)
         return layer
 

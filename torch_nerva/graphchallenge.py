@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .interchange import _read_text as _read, from_tsv
 from .layout import CSRLayout
 from .modules import SparseLinear
 
@@ -35,16 +36,6 @@ BIAS = {1024: -0.30, 4096: -0.35, 16384: -0.40, 65536: -0.45}
 YMAX = 32.0
 NNZ_PER_ROW = 32
 VALUE = 1.0 / 16
-
-
-def _read(path: Union[str, Path]) -> bytes:
-    """A file's bytes, gunzipped when it ends in .gz."""
-    path = Path(path)
-    if path.suffix == ".gz":
-        import gzip
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    return path.read_bytes()
 
 
 def _check_neurons(neurons: int) -> int:
@@ -58,38 +49,17 @@ def _check_neurons(neurons: int) -> int:
 def _layer(neurons: int, out_in_positions: Tensor, values: Tensor,
            dtype: torch.dtype) -> SparseLinear:
     """A bias-free SparseLinear over sorted flat (out, in) positions."""
-    layer = SparseLinear(neurons, neurons, bias=False, nnz=0, dtype=dtype)
     layout = CSRLayout.from_positions(out_in_positions, (neurons, neurons), torch.int32)
-    layer._adopt(layout, values)
-    return layer
+    return SparseLinear.from_layout(layout, values.to(dtype), has_bias=False)
 
 
 def load_layer(path: Union[str, Path], neurons: int, dtype: torch.dtype = torch.float32
                ) -> SparseLinear:
-    """The official weight file ``path`` (``row<TAB>col<TAB>value``, 1-based) as a SparseLinear
-    with ``layer(Y) == Y @ W``: W's row r / column c become input r / output c."""
+    """The official weight file ``path`` (``row<TAB>col<TAB>value``, 1-based, plain or .gz) as a
+    SparseLinear with ``layer(Y) == Y @ W``: W's row r / column c become input r / output c.
+    Read and validated by :func:`torch_nerva.interchange.from_tsv` (``transpose=True``)."""
     _check_neurons(neurons)
-    text = _read(path)
-    data = np.array(text.split(), dtype=np.float64) if text.strip() else np.zeros(0)
-    if data.size % 3:
-        raise ValueError(f"{path}: expected lines of 'row col value', got {data.size} numbers")
-    triples = data.reshape(-1, 3)
-    rows = triples[:, 0].astype(np.int64) - 1
-    cols = triples[:, 1].astype(np.int64) - 1
-    if not np.array_equal(rows + 1, triples[:, 0]) or not np.array_equal(cols + 1, triples[:, 1]):
-        raise ValueError(f"{path}: row and column indices must be integers")
-    bad = (rows < 0) | (rows >= neurons) | (cols < 0) | (cols >= neurons)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"{path}: line {i + 1}: index ({rows[i] + 1}, {cols[i] + 1}) is outside "
-                         f"1..{neurons}")
-    positions = torch.from_numpy(cols * neurons + rows)  # (out = col, in = row)
-    order = torch.argsort(positions)
-    positions = positions[order]
-    if positions.numel() > 1 and bool((positions[1:] == positions[:-1]).any()):
-        raise ValueError(f"{path}: duplicate (row, col) entries")
-    values = torch.from_numpy(triples[:, 2])[order].to(dtype)
-    return _layer(neurons, positions, values, dtype)
+    return from_tsv(path, (neurons, neurons), transpose=True, dtype=dtype)
 
 
 def _group_permutation(neurons: int, group: int, seed: int) -> Optional[Tensor]:

@@ -7,17 +7,19 @@
   (values, row pointers, column indices and bias per layer; the paper's storage format), with
   :func:`npz_bytes` reporting its size. :func:`load_npz` fills an existing model (same layer
   names and shapes), adopting the saved topologies.
+- :func:`from_tsv` / :func:`to_tsv` (:func:`read_tsv`): 1-based ``row col value`` coordinate
+  text files, plain or gzipped; ``transpose=True`` for ``Y @ W`` files such as the Graph
+  Challenge's (:func:`torch_nerva.graphchallenge.load_layer` reads through it).
 - :func:`summary`: per-layer and total nnz, requested vs realised density, parameter bytes and
   training / inference FLOPs per example, as rows and as a printable table.
 
-The weight's orientation is ``nn.Linear``'s: (out_features x in_features). Graph Challenge files
-(``Y @ W``) load through :func:`torch_nerva.graphchallenge.load_layer`.
+The weight's orientation is ``nn.Linear``'s: (out_features x in_features).
 """
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -58,16 +60,9 @@ def from_torch_sparse(weight: Tensor, bias: Optional[Tensor] = None,
 
 def _layer(layout: CSRLayout, values: Tensor, bias: Optional[Tensor], backend: str
            ) -> SparseLinear:
-    out_f, in_f = layout.shape
-    layer = SparseLinear(in_f, out_f, bias=bias is not None, nnz=0, backend=backend,
-                         dtype=values.dtype)
-    layer._adopt(CSRLayout.from_positions(layout.positions(), (out_f, in_f)), values)
-    if bias is not None:
-        if bias.shape != (out_f,):
-            raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
-        with torch.no_grad():
-            layer.bias.copy_(bias)
-    return layer
+    # rebuilt from positions: the index dtype is chosen for the shape, not inherited
+    layout = CSRLayout.from_positions(layout.positions(), layout.shape)
+    return SparseLinear.from_layout(layout, values, bias, backend=backend)
 
 
 def to_scipy(layer: SparseLinear):
@@ -91,6 +86,79 @@ def from_scipy(matrix, bias: Optional[Tensor] = None, backend: str = "auto",
     layout = CSRLayout.from_tensors(torch.from_numpy(m.indptr.astype(np.int64)),
                                     torch.from_numpy(m.indices.astype(np.int64)), m.shape)
     return _layer(layout, torch.from_numpy(m.data).to(dtype), bias, backend)
+
+
+def _read_text(path: Union[str, Path]) -> bytes:
+    """A file's bytes, gunzipped when it ends in .gz."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        import gzip
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    return path.read_bytes()
+
+
+def read_tsv(path: Union[str, Path], shape) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(rows, cols, values)`` (0-based int64, float64) of a coordinate text file of 1-based
+    ``row<TAB>col<TAB>value`` lines (any whitespace; plain or ``.gz``), validated against the
+    file matrix ``shape``: integral indices in range, no duplicate entries."""
+    n_rows, n_cols = int(shape[0]), int(shape[1])
+    text = _read_text(path)
+    try:
+        data = np.array(text.split(), dtype=np.float64) if text.strip() else np.zeros(0)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a file of numbers ({e})") from None
+    if data.size % 3:
+        raise ValueError(f"{path}: expected lines of 'row col value', got {data.size} numbers")
+    triples = data.reshape(-1, 3)
+    if not np.isfinite(triples[:, :2]).all():
+        raise ValueError(f"{path}: row and column indices must be finite integers")
+    rows = triples[:, 0].astype(np.int64) - 1
+    cols = triples[:, 1].astype(np.int64) - 1
+    if not np.array_equal(rows + 1, triples[:, 0]) or not np.array_equal(cols + 1, triples[:, 1]):
+        raise ValueError(f"{path}: row and column indices must be integers")
+    bad = (rows < 0) | (rows >= n_rows) | (cols < 0) | (cols >= n_cols)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{path}: line {i + 1}: index ({rows[i] + 1}, {cols[i] + 1}) is outside "
+                         f"1..{n_rows} x 1..{n_cols}")
+    flat = np.sort(rows * n_cols + cols)
+    if flat.size > 1 and bool((flat[1:] == flat[:-1]).any()):
+        raise ValueError(f"{path}: duplicate (row, col) entries")
+    return torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(triples[:, 2])
+
+
+def from_tsv(path: Union[str, Path], shape, *, transpose: bool = False,
+             dtype: torch.dtype = torch.float32, backend: str = "auto") -> SparseLinear:
+    """A bias-free SparseLinear from a coordinate text file (:func:`read_tsv`) holding a
+    ``shape[0] x shape[1]`` matrix M. ``transpose=False``: M is the weight (out x in, as
+    ``nn.Linear``); ``transpose=True``: M is used as ``Y @ M`` (the Graph Challenge's files:
+    file row r = input r, file column c = output c), so the layer's weight is M^T."""
+    rows, cols, values = read_tsv(path, shape)
+    out_f, in_f = (int(shape[1]), int(shape[0])) if transpose else (int(shape[0]), int(shape[1]))
+    out_idx, in_idx = (cols, rows) if transpose else (rows, cols)
+    positions = out_idx * in_f + in_idx
+    order = torch.argsort(positions)
+    layout = CSRLayout.from_positions(positions[order], (out_f, in_f))
+    return SparseLinear.from_layout(layout, values[order].to(dtype), has_bias=False,
+                                    backend=backend)
+
+
+def to_tsv(layer: SparseLinear, path: Union[str, Path], *, transpose: bool = False) -> int:
+    """Write the layer's weight (M = W, or W^T with ``transpose=True``) as 1-based
+    ``row<TAB>col<TAB>value`` lines, row-major; returns the number of entries. Values are
+    written with repr precision (float64 round trip)."""
+    rows = layer.layout.row_indices().cpu().numpy() + 1
+    cols = layer.col_indices.cpu().numpy().astype(np.int64) + 1
+    values = layer.values.detach().cpu().double().numpy()
+    if transpose:
+        rows, cols = cols, rows
+        order = np.lexsort((cols, rows))
+        rows, cols, values = rows[order], cols[order], values[order]
+    with open(path, "w") as f:
+        for r, c, v in zip(rows.tolist(), cols.tolist(), values.tolist()):
+            f.write(f"{r}\t{c}\t{v!r}\n")
+    return len(values)
 
 
 def _sparse_layers(model: nn.Module) -> Dict[str, SparseLinear]:
@@ -145,8 +213,11 @@ def load_npz(model: nn.Module, path: Union[str, Path, io.IOBase]) -> nn.Module:
             layout = CSRLayout.from_tensors(torch.from_numpy(data[f"{key}.crow"].astype(np.int64)),
                                             torch.from_numpy(data[f"{key}.col"].astype(np.int64)),
                                             shape)
-            layer._adopt(CSRLayout.from_positions(layout.positions(), shape),
-                         torch.from_numpy(data[f"{key}.values"]))
+            values = torch.from_numpy(data[f"{key}.values"])
+            if values.shape != (layout.nnz,):
+                raise ValueError(f"layer {key!r}: values has shape {tuple(values.shape)}, the "
+                                 f"saved layout has nnz = {layout.nnz}")
+            layer._adopt(CSRLayout.from_positions(layout.positions(), shape), values)
             if f"{key}.bias" in data.files:
                 if layer.bias is None:
                     raise ValueError(f"layer {key!r}: the file has a bias, the layer has none")

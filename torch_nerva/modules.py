@@ -222,7 +222,32 @@ class SparseLinear(_LinearBase):
                 f"backend={self.backend}"
                 + (f"({self.resolved_backend})" if self.backend == "auto" else ""))
 
-    # -- construction from dense -------------------------------------------------------------
+    # -- construction from a layout or from dense ---------------------------------------------
+    @classmethod
+    def from_layout(cls, layout: CSRLayout, values: Tensor, bias: Optional[Tensor] = None, *,
+                    has_bias: Optional[bool] = None, backend: str = "auto",
+                    device=None) -> "SparseLinear":
+        """A layer over an existing (validated or self-built) ``layout``, ``values`` in its
+        order (copied) and ``bias`` (copied; ``has_bias=True`` without ``bias`` makes a zero
+        bias). dtype from ``values``; device from ``device``, else from ``values``."""
+        out_f, in_f = layout.shape
+        if values.shape != (layout.nnz,):
+            raise ValueError(f"values must have shape ({layout.nnz},) for this layout, got "
+                             f"{tuple(values.shape)}")
+        if bias is not None and bias.shape != (out_f,):
+            raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
+        device = values.device if device is None else device
+        layer = cls(in_f, out_f, bias is not None if has_bias is None else has_bias, nnz=0,
+                    backend=backend, device=device, dtype=values.dtype)
+        layer._adopt(layout, values)
+        if layer.bias is not None:
+            with torch.no_grad():
+                if bias is None:
+                    layer.bias.zero_()
+                else:
+                    layer.bias.copy_(bias)
+        return layer
+
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, density: Optional[float] = None,
                    mask: Optional[Tensor] = None, backend: str = "auto",
@@ -230,15 +255,9 @@ class SparseLinear(_LinearBase):
         """Keep the round(density x numel) largest-magnitude weights of ``linear`` (or those in
         ``mask``, or, with neither, its nonzeros); values and bias are copied."""
         w = linear.weight
-        keep = _dense_mask(linear, density, mask)
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                    nnz=0, backend=backend, device=w.device, dtype=w.dtype)
-        layout = CSRLayout.from_mask(keep, index_dtype)
-        layer._adopt(layout, w.detach().flatten()[layout.positions().to(w.device)])
-        if linear.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(linear.bias)
-        return layer
+        layout = CSRLayout.from_mask(_dense_mask(linear, density, mask), index_dtype)
+        return cls.from_layout(layout, w.detach().flatten()[layout.positions().to(w.device)],
+                               linear.bias, backend=backend)
 
     def _adopt(self, layout: CSRLayout, values: Tensor) -> None:
         """Replace topology and values (same Parameter object, new size)."""

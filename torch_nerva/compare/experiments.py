@@ -199,6 +199,7 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
                                      momentum_window=min(exp["dst_every"], 20))
                      for m, o in zip(twins, optimizers)]
     update_s: List[float] = []
+    dst_checked = dst_mismatches = 0
     order_gen = torch.Generator().manual_seed(seed)
     augment_gen = torch.Generator().manual_seed(seed + 1)
     augment = exp["augment"] and data.image
@@ -228,6 +229,10 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
                     epoch_time[i] += seconds
                     timed = True
             step += 1
+            if schedules[0] is not None and schedules[0].history and \
+                    schedules[0].history[-1]["step"] == schedules[0].steps:
+                dst_checked += 1  # both twins updated at this step: compare the topologies
+                dst_mismatches += not same_topology(csr, masked)
             if step <= exp["check_steps"]:
                 loss_drift = max(loss_drift or 0.0, abs(losses[0] - losses[1]))
                 if step == exp["check_steps"]:
@@ -282,11 +287,17 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
         "dst": exp["dst"],
         "dst_updates": len(update_s),
         "dst_update_ms_csr": 1e3 * statistics.median(update_s) if update_s else None,
-        "dst_same_topology": (None if schedules[0] is None else all(
-            torch.equal(s.mask(), m.mask) for s, m in zip(
-                (l for l in csr.modules() if isinstance(l, SparseLinear)),
-                (l for l in masked.modules() if isinstance(l, MaskedLinear))))),
+        "dst_same_topology": (None if schedules[0] is None
+                              else dst_mismatches == 0 and same_topology(csr, masked)),
+        "dst_topology_checks": dst_checked,
     }
+
+
+def same_topology(csr: nn.Module, masked: nn.Module) -> bool:
+    """Whether every SparseLinear of ``csr`` has the mask of its MaskedLinear twin."""
+    return all(torch.equal(s.mask(), m.mask) for s, m in zip(
+        (m for m in csr.modules() if isinstance(m, SparseLinear)),
+        (m for m in masked.modules() if isinstance(m, MaskedLinear))))
 
 
 # -- inference ---------------------------------------------------------------------------------

@@ -188,8 +188,9 @@ def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: st
                     f"{max((r['dst_updates'] for r in rows), default=0)} topology updates per "
                     f"run, median CSR update "
                     f"{_f(median([r['dst_update_ms_csr'] for r in updates]), '.2f')} ms (included "
-                    f"in s/ep); twins' topologies identical at the end: "
-                    f"{all(r['dst_same_topology'] for r in rows)}")
+                    f"in s/ep); twins' topologies identical after every update "
+                    f"({sum(r.get('dst_topology_checks') or 0 for r in rows)} checks) and at the "
+                    f"end: {all(r['dst_same_topology'] for r in rows)}")
     if acc == "syn-acc":
         text.append("syn-acc: accuracy on SYNTHETIC data, not meaningful.")
     if note:
