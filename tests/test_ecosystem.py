@@ -223,15 +223,19 @@ def test_empty_batches():
         layer.zero_grad()
 
 
-def _ddp_worker(rank, world, port, result):
+def _ddp_worker(rank, world, port, result, backend="gloo"):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model = _ddp_model()
-    ddp = nn.parallel.DistributedDataParallel(model)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = _ddp_model().to(device)
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=[rank] if device.type == "cuda" else None)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     for step in range(5):
-        x, y = _ddp_batch(step)
+        x, y = (t.to(device) for t in _ddp_batch(step))
         half = x.shape[0] // world
         sl = slice(rank * half, (rank + 1) * half)
         loss = nn.functional.cross_entropy(ddp(x[sl]), y[sl])
@@ -239,7 +243,7 @@ def _ddp_worker(rank, world, port, result):
         loss.backward()
         opt.step()
     if rank == 0:
-        result.put([p.detach().numpy().copy() for p in model.parameters()])  # by value
+        result.put([p.detach().cpu().numpy().copy() for p in model.parameters()])  # by value
     torch.distributed.destroy_process_group()
 
 
@@ -253,14 +257,19 @@ def _ddp_batch(step):
     return torch.randn(16, 24, generator=g), torch.randint(0, 5, (16,), generator=g)
 
 
-def test_ddp_matches_single_process_training_on_the_whole_batch():
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_ddp_matches_single_process_training_on_the_whole_batch(backend):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
+    if backend == "nccl" and not (torch.distributed.is_nccl_available()
+                                  and torch.cuda.device_count() >= 2):
+        pytest.skip("nccl needs two CUDA devices")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_ddp_worker, args=(2, port, result), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, port, result, backend), nprocs=2,
+                       start_method="spawn")
     ddp_params = result.get()
     model = _ddp_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
