@@ -96,6 +96,7 @@ def test_shipped_configs_parse():
     ('title = "x"\n', "no [[experiment]]"),
     ('[[experiment]]\nkind = "density"\nepochs = 0\n', "epochs"),
     ('[[experiment]\n', "not valid TOML"),
+    ('[[experiment]]\nkind = "density"\ndtype = "float16"\n', "dtype must be"),
 ])
 def test_bad_configs_are_refused_with_the_key_named(tmp_path, body, message):
     with pytest.raises(config.ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -326,14 +327,18 @@ def test_masked_estimate_bounds_the_measured_step():
         assert peak <= est <= 3 * peak, (is_masked, peak, est)
 
 
-@pytest.mark.parametrize("method", ["set", "rigl", "momentum"])
-def test_dst_runs_on_both_twins_alike(method):
+@pytest.mark.parametrize("method,dtype", [("set", "float32"), ("rigl", "float32"),
+                                          ("momentum", "float32"), ("momentum", "float64")])
+def test_dst_runs_on_both_twins_alike(method, dtype):
     exp = config.parse({"experiment": [{"kind": "density", "dataset": "synthetic-digits",
                                         "hidden": [32], "densities": [0.2], "epochs": 2,
                                         "check_steps": 30, "inference_calls": 2, "dst": method,
-                                        "dst_every": 4, "dst_end": 1.0}]})["experiments"][0]
-    (row,) = experiments.run_density(exp, data.load_data("synthetic-digits"), lambda s: None)
+                                        "dst_every": 4, "dst_end": 1.0,
+                                        "dtype": dtype}]})["experiments"][0]
+    ds = data.load_data("synthetic-digits")
+    ds.dtype = getattr(torch, dtype)
+    (row,) = experiments.run_density(exp, ds, lambda s: None)
     assert row["dst"] == method and row["dst_updates"] >= 5
     assert row["dst_same_topology"] is True and row["dst_update_ms_csr"] > 0
-    assert row["dst_topology_checks"] == row["dst_updates"]
+    assert row["dst_topology_checks"] == row["dst_updates"] and row["dst_topology_diff"] == 0
     assert row["loss_drift"] < 1e-4 and row["weight_drift"] < 1e-4

@@ -81,6 +81,7 @@ def run_config(cfg, out: Path, only=None, threads: Optional[int] = None,
         torch.set_num_threads(n_threads)
         data = load_data(exp["dataset"], Path(exp["data_dir"]), exp["download"],
                          exp["train_samples"], exp["test_samples"])
+        data.dtype = getattr(torch, exp["dtype"])
         log(f"== {exp['name']} ({exp['kind']}) | dataset {data.name} ({data.train_size} train / "
             f"{data.y_test.numel()} test) | {n_threads} threads | {cpu_model()}")
         start = time.perf_counter()

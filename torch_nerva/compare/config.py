@@ -48,6 +48,7 @@ _COMMON = {
     "weight_decay": 0.0,
     "seeds": [0],
     "threads": 0,              # 0 = the process setting
+    "dtype": "float32",        # of weights and inputs; float64 makes the twins agree to ~1e-16
 }
 
 DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -144,6 +145,8 @@ def _validate(exp: Dict[str, Any], where: str) -> None:
         _fail(where, f"dataset must be one of {', '.join(DATASETS)}, got {exp['dataset']!r}")
     if exp["distribution"] not in ("uniform", "er", "erk"):
         _fail(where, f"distribution must be uniform, er or erk, got {exp['distribution']!r}")
+    if exp["dtype"] not in ("float32", "float64"):
+        _fail(where, f"dtype must be float32 or float64, got {exp['dtype']!r}")
     _check_positive_ints(where, "batch_size", exp["batch_size"])
     _check_positive_ints(where, "seeds", exp["seeds"], allow_zero=True)
     _check_positive_ints(where, "threads", exp["threads"], allow_zero=True)

@@ -46,6 +46,7 @@ class Dataset:
     note: str = ""
     mean: Optional[Tensor] = None  # per channel, images only
     std: Optional[Tensor] = None
+    dtype: torch.dtype = torch.float32  # of the model inputs (prepare, test_inputs)
     _test_cache: Optional[Tensor] = field(default=None, repr=False)
 
     @property
@@ -66,18 +67,18 @@ class Dataset:
 
     def prepare(self, x: Tensor, augment: bool = False,
                 generator: Optional[torch.Generator] = None) -> Tensor:
-        """Float32 ``(batch, in_features)`` model input from raw samples ``x``."""
+        """``(batch, in_features)`` model input (of ``self.dtype``) from raw samples ``x``."""
         if not self.image:
-            return x
+            return x.to(self.dtype)
         x = x.float().div_(255)
         if augment:
             x = random_crop_flip(x, generator)
         x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
-        return x.flatten(1)
+        return x.flatten(1).to(self.dtype)
 
     def test_inputs(self) -> Tensor:
         """The whole test set as model input (computed once)."""
-        if self._test_cache is None:
+        if self._test_cache is None or self._test_cache.dtype != self.dtype:
             self._test_cache = self.prepare(self.x_test)
         return self._test_cache
 

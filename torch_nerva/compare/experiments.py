@@ -47,16 +47,18 @@ def mlp_template(sizes: Sequence[int]) -> nn.Sequential:
 
 
 def build_csr(sizes: Sequence[int], density: float, seed: int,
-              distribution: str = "er") -> nn.Module:
-    """The CSR MLP: topology and values drawn from a generator seeded with ``seed``."""
-    return sparsify(mlp_template(sizes), density, distribution=distribution, device="cpu",
-                    generator=torch.Generator().manual_seed(seed))
+              distribution: str = "er", dtype: str = "float32") -> nn.Module:
+    """The CSR MLP: topology and values drawn from a generator seeded with ``seed`` (in
+    float32, then cast, so both dtypes start from the same weights)."""
+    model = sparsify(mlp_template(sizes), density, distribution=distribution, device="cpu",
+                     generator=torch.Generator().manual_seed(seed))
+    return model.to(getattr(torch, dtype))
 
 
 def build_twins(sizes: Sequence[int], density: float, seed: int,
-                distribution: str = "er") -> Tuple[nn.Module, nn.Module]:
+                distribution: str = "er", dtype: str = "float32") -> Tuple[nn.Module, nn.Module]:
     """(masked, CSR) twins of the ReLU MLP with layer widths ``sizes``."""
-    csr = build_csr(sizes, density, seed, distribution)
+    csr = build_csr(sizes, density, seed, distribution, dtype)
     return to_masked(csr), csr
 
 
@@ -175,7 +177,7 @@ def _fmt_s(v: Optional[float]) -> str:
 def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], density: float,
                 seed: int) -> Row:
     """Train the masked and CSR twins side by side on the same batches; one result row."""
-    masked, csr = build_twins(sizes, density, seed, exp["distribution"])
+    masked, csr = build_twins(sizes, density, seed, exp["distribution"], exp["dtype"])
     twins = (masked, csr)
     lr = lr_for(exp, density)
     optimizers = [make_optimizer(m, exp, lr) for m in twins]
@@ -199,7 +201,7 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
                                      momentum_window=min(exp["dst_every"], 20))
                      for m, o in zip(twins, optimizers)]
     update_s: List[float] = []
-    dst_checked = dst_mismatches = 0
+    dst_checked, dst_diff = 0, 0.0
     order_gen = torch.Generator().manual_seed(seed)
     augment_gen = torch.Generator().manual_seed(seed + 1)
     augment = exp["augment"] and data.image
@@ -232,7 +234,7 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
             if schedules[0] is not None and schedules[0].history and \
                     schedules[0].history[-1]["step"] == schedules[0].steps:
                 dst_checked += 1  # both twins updated at this step: compare the topologies
-                dst_mismatches += not same_topology(csr, masked)
+                dst_diff = max(dst_diff, topology_difference(csr, masked))
             if step <= exp["check_steps"]:
                 loss_drift = max(loss_drift or 0.0, abs(losses[0] - losses[1]))
                 if step == exp["check_steps"]:
@@ -288,16 +290,21 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
         "dst_updates": len(update_s),
         "dst_update_ms_csr": 1e3 * statistics.median(update_s) if update_s else None,
         "dst_same_topology": (None if schedules[0] is None
-                              else dst_mismatches == 0 and same_topology(csr, masked)),
+                              else dst_diff == 0 and topology_difference(csr, masked) == 0),
         "dst_topology_checks": dst_checked,
+        "dst_topology_diff": None if schedules[0] is None else dst_diff,
     }
 
 
-def same_topology(csr: nn.Module, masked: nn.Module) -> bool:
-    """Whether every SparseLinear of ``csr`` has the mask of its MaskedLinear twin."""
-    return all(torch.equal(s.mask(), m.mask) for s, m in zip(
-        (m for m in csr.modules() if isinstance(m, SparseLinear)),
-        (m for m in masked.modules() if isinstance(m, MaskedLinear))))
+def topology_difference(csr: nn.Module, masked: nn.Module) -> float:
+    """The fraction of connections that differ between every SparseLinear of ``csr`` and its
+    MaskedLinear twin (0: identical topologies)."""
+    differ = total = 0
+    for s, m in zip((m for m in csr.modules() if isinstance(m, SparseLinear)),
+                    (m for m in masked.modules() if isinstance(m, MaskedLinear))):
+        differ += int((s.mask() != m.mask).sum()) // 2
+        total += s.nnz
+    return differ / total if total else 0.0
 
 
 # -- inference ---------------------------------------------------------------------------------
@@ -308,7 +315,7 @@ def run_inference(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]
     rows = []
     for density in exp["densities"]:
         for seed in exp["seeds"]:
-            masked, csr = build_twins(sizes, density, seed, exp["distribution"])
+            masked, csr = build_twins(sizes, density, seed, exp["distribution"], exp["dtype"])
             infer = batch1_inference_us((masked, csr, densify(csr)), x,
                                         exp["inference_calls"])
             rows.append({
@@ -360,7 +367,7 @@ def run_depth(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) ->
     seed = exp["seeds"][0]
     for depth in exp["depths"]:
         sizes = [data.in_features, *([exp["width"]] * depth), data.num_classes]
-        masked, csr = build_twins(sizes, exp["density"], seed, exp["distribution"])
+        masked, csr = build_twins(sizes, exp["density"], seed, exp["distribution"], exp["dtype"])
         step_s = time_steps((masked, csr), exp, data, seed, f"depth {depth}")
         mask_s, csr_s = (_epoch_seconds(s, exp) for s in step_s)
         rows.append({"depth": depth, "width": exp["width"], "density": exp["density"],
@@ -380,13 +387,14 @@ def run_width(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) ->
     rows = []
     for width in exp["widths"]:
         sizes = [data.in_features, *([width] * exp["layers"]), data.num_classes]
-        need_mask = memory.estimate_training_bytes(sizes, None, exp["batch_size"], True)
+        scale = 2 if exp["dtype"] == "float64" else 1  # the estimates are for float32
+        need_mask = scale * memory.estimate_training_bytes(sizes, None, exp["batch_size"], True)
         row: Row = {"width": width, "layers": exp["layers"], "density": exp["density"],
                     "dense_weights": sum(o * i for o, i in memory.layer_shapes(sizes)),
                     "estimated_bytes_mask": need_mask, "budget_bytes": budget}
-        csr = build_csr(sizes, exp["density"], seed, exp["distribution"])
+        csr = build_csr(sizes, exp["density"], seed, exp["distribution"], exp["dtype"])
         nnz = layer_nnz(csr)
-        need_csr = memory.estimate_training_bytes(sizes, nnz, exp["batch_size"], False)
+        need_csr = scale * memory.estimate_training_bytes(sizes, nnz, exp["batch_size"], False)
         row.update(nnz=sum(nnz), estimated_bytes_csr=need_csr)
         notes = []
         if need_csr > budget:

@@ -190,7 +190,11 @@ def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: st
                     f"{_f(median([r['dst_update_ms_csr'] for r in updates]), '.2f')} ms (included "
                     f"in s/ep); twins' topologies identical after every update "
                     f"({sum(r.get('dst_topology_checks') or 0 for r in rows)} checks) and at the "
-                    f"end: {all(r['dst_same_topology'] for r in rows)}")
+                    f"end: {all(r['dst_same_topology'] for r in rows)}"
+                    + ("" if all(r["dst_same_topology"] for r in rows) else
+                       f" (at most {100 * max(r.get('dst_topology_diff') or 0 for r in rows):.3g}% "
+                       "of the connections differed: the twins' float32 results differ in "
+                       "rounding, which grows over training and reorders near-equal weights)"))
     if acc == "syn-acc":
         text.append("syn-acc: accuracy on SYNTHETIC data, not meaningful.")
     if note:
