@@ -302,3 +302,17 @@ def test_inductor_compiles_training_and_inference_like_eager():
         torch.testing.assert_close(a.grad, b.grad)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), twin(x))
+
+
+def test_torch_export_with_a_dynamic_batch_round_trips_through_save_and_load(tmp_path):
+    model = tn.sparsify(nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)), 0.3,
+                        generator=torch.Generator().manual_seed(0)).eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    ep = torch.export.export(model, (torch.randn(4, 20),),
+                             dynamic_shapes={"input": {0: batch}})
+    assert "torch_nerva.sparse_linear" in ep.graph_module.code
+    torch.export.save(ep, tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2").module()
+    for n in (1, 7, 100):
+        x = torch.randn(n, 20)
+        torch.testing.assert_close(loaded(x), model(x))

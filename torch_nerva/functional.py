@@ -50,10 +50,13 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tenso
         y = _ops.sparse_linear.default(x2, values, bias, crow, col, crow_t, col_t, perm)[0]
         return y if flat else y.reshape(*x.shape[:-1], out_features)
     which = backends.resolve(backend, x.device, dense)
-    if which == "dense" and backend == "auto" and x2.shape[0] <= backends.DENSE_MIN_BATCH \
-            and x.device.type == "cpu" and values.numel() < out_features * in_features:
+    if which == "dense" and backend == "auto" and not isinstance(x2.shape[0], torch.SymInt) \
+            and x2.shape[0] <= backends.DENSE_MIN_BATCH and x.device.type == "cpu" \
+            and values.numel() < out_features * in_features:
         # A tiny batch costs the native kernel ~nnz work; the dense path a scatter of in x out
-        # (a full layout is the dense weight already: no scatter, dense stays best).
+        # (a full layout is the dense weight already: no scatter, dense stays best). Not for a
+        # symbolic batch (torch.export, dynamic shapes): the graph keeps the layer's choice
+        # instead of being specialised to one side of the threshold.
         which = "native"
     if which == "dense":
         if positions is None or positions.numel() != values.numel():

@@ -65,7 +65,9 @@ def padded_ld(batch: int, dtype: torch.dtype) -> int:
     """The transposed activations' leading dimension: the batch, padded to whole 64-byte
     vectors once it is at least one vector wide (mirrors ``padded_ld`` in csrc/cpu/kernels.h)."""
     lanes = 64 // torch.empty((), dtype=dtype).element_size()
-    return batch if batch < lanes else (batch + lanes - 1) // lanes * lanes
+    # sym_ite, not a Python branch: a symbolic batch (torch.export / dynamic shapes) is not
+    # specialised to one side of the threshold
+    return torch.sym_ite(batch < lanes, batch, (batch + lanes - 1) // lanes * lanes)
 
 
 # ---------------------------------------------------------------------------------------------
