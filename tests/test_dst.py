@@ -337,3 +337,39 @@ def test_momentum_schedule_records_only_the_window_before_each_update():
                              momentum=dst.GradientMomentum(model))
     with pytest.raises(ValueError, match="needs momentum="):
         dst.prune_and_regrow(model, drop_fraction=0.1, grow="momentum")
+
+
+@pytest.mark.parametrize("grow", ["random", "gradient", "momentum"])
+def test_checkpoint_mid_training_resumes_bit_exactly(tmp_path, grow):
+    def make():
+        model = _model(seed=6)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sched = dst.DynamicSparsity(model, opt, drop_fraction=0.3, grow=grow, update_every=4,
+                                    end=40, seed=3, loss_fn=nn.functional.cross_entropy,
+                                    momentum_window=3)
+        return model, opt, sched
+
+    def train(model, opt, sched, steps):
+        for step in steps:
+            x, y = _data(200 + step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step(batch=(x, y))
+
+    ref = make()
+    train(*ref, range(18))
+    first = make()
+    train(*first, range(10))  # step 10 is inside momentum's recording window of update 12
+    torch.save({"model": first[0].state_dict(), "opt": first[1].state_dict(),
+                "dst": first[2].state_dict()}, tmp_path / "ckpt.pt")
+    resumed = make()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed[0].load_state_dict(ckpt["model"])
+    resumed[1].load_state_dict(ckpt["opt"])
+    resumed[2].load_state_dict(ckpt["dst"])
+    train(*resumed, range(10, 18))
+    assert resumed[2].updates == ref[2].updates == 4
+    for a, b in zip(_sparse_layers(ref[0]), _sparse_layers(resumed[0])):
+        assert torch.equal(a.col_indices, b.col_indices) and torch.equal(a.values, b.values)

@@ -371,6 +371,22 @@ class GradientMomentum:
             self._records.setdefault(id(module), []).append((step, x, grad.detach()))
         output.register_hook(on_grad)
 
+    def state_dict(self) -> Dict:
+        """What was recorded, by layer name (tensors; for checkpoints taken mid-window)."""
+        names = {id(m): n for n, m in _layers(self.model)}
+        return {"step_index": self.step_index,
+                "records": {names[k]: [(step, x, dy) for step, x, dy in recs]
+                            for k, recs in self._records.items() if k in names}}
+
+    def load_state_dict(self, state: Dict) -> None:
+        by_name = {n: m for n, m in _layers(self.model)}
+        unknown = sorted(set(state["records"]) - set(by_name))
+        if unknown:
+            raise KeyError(f"GradientMomentum state has layers this model lacks: {unknown}")
+        self.step_index = int(state["step_index"])
+        self._records = {id(by_name[n]): [(int(step), x, dy) for step, x, dy in recs]
+                         for n, recs in state["records"].items()}
+
     def inputs_for(self, layer: Layer) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """``(X, dY)`` stacked over the recorded steps, dY weighted by beta^(T-t), so that
         ``dY^T X`` is the truncated momentum; ``(None, None)`` if nothing was recorded."""
@@ -488,6 +504,25 @@ class DynamicSparsity:
         self.steps = 0
         self.updates = 0
         self.history: List[Dict] = []
+        self._arm_recorder()
+
+    def state_dict(self) -> Dict:
+        """Step and update counts, the random stream, the history and, for momentum growth,
+        the recorded steps: with the model's and the optimizer's state dicts, a resumed run
+        continues exactly as an uninterrupted one (tested). Settings are not saved: build the
+        object with the same arguments, then load."""
+        return {"steps": self.steps, "updates": self.updates,
+                "generator": self.generator.get_state(), "history": list(self.history),
+                "recorder": None if self.recorder is None else self.recorder.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if (state.get("recorder") is None) != (self.recorder is None):
+            raise ValueError("DynamicSparsity state is from a run with another grow criterion")
+        self.steps, self.updates = int(state["steps"]), int(state["updates"])
+        self.generator.set_state(state["generator"])
+        self.history = list(state["history"])
+        if self.recorder is not None:
+            self.recorder.load_state_dict(state["recorder"])
         self._arm_recorder()
 
     def next_update(self) -> Optional[int]:
