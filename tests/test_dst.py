@@ -373,3 +373,28 @@ def test_checkpoint_mid_training_resumes_bit_exactly(tmp_path, grow):
     assert resumed[2].updates == ref[2].updates == 4
     for a, b in zip(_sparse_layers(ref[0]), _sparse_layers(resumed[0])):
         assert torch.equal(a.col_indices, b.col_indices) and torch.equal(a.values, b.values)
+
+
+def test_a_compiled_model_follows_topology_updates_without_recompiling():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled_model = _model(seed=8), _model(seed=8)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+            for m in (eager, compiled_model)]
+    scheds = [dst.DynamicSparsity(m, o, drop_fraction=0.3, update_every=3, anneal="constant",
+                                  seed=1) for m, o in zip((eager, compiled_model), opts)]
+    for step in range(10):
+        x, y = _data(300 + step)
+        losses = []
+        for f, opt, sched in zip((eager, compiled), opts, scheds):
+            loss = nn.functional.cross_entropy(f(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    assert scheds[1].updates == 3
+    assert counters["stats"]["unique_graphs"] == 1  # nnz is constant: no recompilation
