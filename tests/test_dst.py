@@ -200,23 +200,24 @@ def test_bad_arguments():
         dst.DynamicSparsity(model, anneal="cosine")
 
 
-def _ddp_worker(rank, world, port, result):
+def _ddp_worker(rank, world, port, result, grow="gradient"):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = _model(seed=0)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-    for step in range(6):
+    # different seeds per rank on purpose: rank 0's decisions must win everywhere
+    sched = dst.DynamicSparsity(model, opt, drop_fraction=0.3, grow=grow, update_every=2,
+                                anneal="constant", seed=rank, momentum_window=2,
+                                loss_fn=nn.functional.cross_entropy)
+    for step in range(8):
         x, y = _data(1000 * rank + step)  # different data on every rank
         loss = nn.functional.cross_entropy(ddp(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        # different seeds per rank on purpose: rank 0's decisions must win everywhere
-        dst.prune_and_regrow(model, opt, drop_fraction=0.3, grow="gradient", batch=(x, y),
-                             loss_fn=nn.functional.cross_entropy,
-                             generator=torch.Generator().manual_seed(rank))
+        sched.step(batch=(x, y))
     layouts = [torch.cat([m.crow_indices.long(), m.col_indices.long()])
                for m in _sparse_layers(model)]
     gathered = [[torch.empty_like(t) for _ in range(world)] for t in layouts]
@@ -231,7 +232,8 @@ def _ddp_worker(rank, world, port, result):
     torch.distributed.destroy_process_group()
 
 
-def test_two_rank_ddp_layouts_stay_identical():
+@pytest.mark.parametrize("grow", ["gradient", "momentum"])
+def test_two_rank_ddp_layouts_stay_identical(grow):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     with socket.socket() as s:
@@ -239,7 +241,8 @@ def test_two_rank_ddp_layouts_stay_identical():
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     result = ctx.SimpleQueue()
-    mp.start_processes(_ddp_worker, args=(2, port, result), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, port, result, grow), nprocs=2,
+                       start_method="spawn")
     assert all(result.get())
 
 
