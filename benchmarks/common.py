@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks: interleaved timing, run metadata and result files."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import json
@@ -10,7 +11,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -83,8 +84,27 @@ def failure_status(e: BaseException) -> str:
     return "error"
 
 
+@contextlib.contextmanager
+def restored_threads(threads: Optional[int] = None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (if given) and restore the
+    previous count afterwards, also when the block sets other counts or raises."""
+    before = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def field(row: Mapping[str, Any], key: str, spec: str) -> str:
+    """``row[key]`` formatted with ``spec``, or "" when it is missing (a failed point)."""
+    return "" if row.get(key) is None else format(row[key], spec)
+
+
 def environment(settings: Mapping[str, Any]) -> Dict[str, Any]:
-    """Run metadata: versions, build, kernel instruction set, machine, git, date, command."""
+    """Run metadata: versions, build, kernel instruction set, machine, git, date, command.
+    Paths among ``settings`` are recorded as strings."""
     try:
         isa = tn.ops.kernel_isa()
     except AttributeError:
@@ -100,7 +120,7 @@ def environment(settings: Mapping[str, Any]) -> Dict[str, Any]:
         "git_revision": git_revision(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable] + sys.argv),
-        "settings": dict(settings),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()},
     }
 
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import torch_nerva as tn
-from common import environment, failure_status, quartiles, time_interleaved, write_results
+from common import (environment, failure_status, field, quartiles, restored_threads,
+                    time_interleaved, write_results)
 from mlp_step import CLASSES, IN_FEATURES, mlp, step_fn
 from torch_nerva import dst
 
@@ -92,12 +93,11 @@ def run(density: float, methods: List[str], args: argparse.Namespace) -> List[Di
 
 
 def format_row(row: Dict[str, Any]) -> str:
-    def num(key, spec):
-        return "" if row.get(key) is None else format(row[key], spec)
     return (f"{row['density']:>8g} {row['method']:>9} {row.get('nnz', ''):>9} "
-            f"{num('csr_update_ms', '.2f'):>10} {num('masked_update_ms', '.2f'):>10} "
-            f"{num('csr_step_ms', '.2f'):>9} {num('update_over_step', '.1f'):>8} "
-            f"{num('overhead_per_100', '.1%'):>8}  {row['status']}")
+            f"{field(row, 'csr_update_ms', '.2f'):>10} "
+            f"{field(row, 'masked_update_ms', '.2f'):>10} {field(row, 'csr_step_ms', '.2f'):>9} "
+            f"{field(row, 'update_over_step', '.1f'):>8} "
+            f"{field(row, 'overhead_per_100', '.1%'):>8}  {row['status']}")
 
 
 HEADER = (f"{'density':>8} {'method':>9} {'nnz':>9} {'csr upd ms':>10} {'mask upd ms':>10} "
@@ -122,10 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    threads_before = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with restored_threads(args.threads):
         print(f"# MLP {'-'.join(map(str, [IN_FEATURES, *args.hidden, CLASSES]))}, ER, batch "
               f"{args.batch}, drop fraction {args.fraction}, {torch.get_num_threads()} threads; "
               f"median of {args.reps} interleaved updates")
@@ -135,10 +132,7 @@ def main(argv=None) -> int:
             for row in run(density, args.methods, args):
                 rows.append(row)
                 print(format_row(row))
-        meta = environment({k: str(v) if isinstance(v, Path) else v
-                            for k, v in vars(args).items()})
-    finally:
-        torch.set_num_threads(threads_before)
+        meta = environment(vars(args))
     csv_path = write_results(args.out, "dst_update", rows, FIELDS, meta)
     print(f"# wrote {csv_path} and {csv_path.with_suffix('.json')}")
     return 0

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_results  # noqa: E402
+from common import environment, restored_threads, write_results  # noqa: E402
 
 from torch_nerva import graphchallenge as gc  # noqa: E402
 
@@ -96,8 +96,7 @@ def main(argv=None) -> int:
     check_n = s["check_inputs"] or n_inputs
     official = gc.load_categories(s["categories_file"]) if s["categories_file"] else None
     rows = []
-    threads_before = torch.get_num_threads()
-    try:
+    with restored_threads():
         for threads in s["threads"]:
             torch.set_num_threads(threads)
             for prune in (True, False):
@@ -120,8 +119,6 @@ def main(argv=None) -> int:
                       f"(median of {s['reps']}), rate {row['rate']:.3e} edges/s, "
                       f"{row['categories']} categories"
                       + ("" if official is None else f", vs official: {row['exact_vs_official']}"))
-    finally:
-        torch.set_num_threads(threads_before)
     # The reference runs after the timings: SciPy's BLAS threads must not share the cores.
     start = time.perf_counter()
     ref = gc.reference_categories(layers, y0[:check_n].numpy(), bias)
@@ -132,7 +129,7 @@ def main(argv=None) -> int:
         row["exact_vs_scipy"] = bool(np.array_equal(cats[cats < check_n].numpy(), ref))
         print(f"threads {row['threads']} prune {str(row['prune']):5}: exact vs SciPy: "
               f"{row['exact_vs_scipy']}")
-    meta = environment({k: str(v) if isinstance(v, Path) else v for k, v in s.items()})
+    meta = environment(s)
     path = write_results(Path(s["out"]), "graphchallenge", rows, FIELDS, meta)
     print(f"# wrote {path} and {path.with_suffix('.json')}")
     ok = all(r["exact_vs_scipy"] and r["exact_vs_official"] is not False for r in rows)

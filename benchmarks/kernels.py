@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 import torch_nerva as tn
-from common import environment, failure_status, quartiles, time_interleaved, write_results
+from common import (environment, failure_status, quartiles, restored_threads, time_interleaved,
+                    write_results)
 
 MODES = ("forward", "fwd_bwd", "step", "infer1")
 DEFAULTS: Dict[str, Any] = {
@@ -414,14 +415,13 @@ def main(argv=None) -> int:
     notes = [] if sparseprop_available() else ["sparseprop is not installed: skipped"]
     if s["missing_methods"]:
         notes.append(f"methods not available here: {s['missing_methods']}")
-    threads_before = torch.get_num_threads()
     rows: List[Dict[str, Any]] = []
     for note in notes:
         print(f"# {note}")
     print(f"# batch {s['batch']}, median of {s['reps']} interleaved reps; ratio = time / masked "
           "time (lower is better)")
     print(HEADER)
-    try:
+    with restored_threads():
         for threads in s["threads"]:
             torch.set_num_threads(threads)
             for in_f, out_f, density in s["points"]:
@@ -433,9 +433,7 @@ def main(argv=None) -> int:
                     for row in point:
                         print(format_row(row))
                     rows += point
-    finally:
-        torch.set_num_threads(threads_before)
-    meta = environment({**s, "out": str(s["out"])})
+    meta = environment(s)
     meta["notes"] = notes
     csv_path = write_results(Path(s["out"]), "kernels", rows, FIELDS, meta)
     print(f"# wrote {csv_path} and {csv_path.with_suffix('.json')}")

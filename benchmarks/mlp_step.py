@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_nerva as tn
-from common import environment, failure_status, quartiles, time_interleaved, write_results
+from common import (environment, failure_status, field, quartiles, restored_threads,
+                    time_interleaved, write_results)
 
 IN_FEATURES, CLASSES = 3072, 10
 FIELDS = ["density", "nnz", "masked_ms", "csr_ms", "speedup", "masked_b1_us", "csr_b1_us",
@@ -103,12 +104,10 @@ def run_density(density: float, args: argparse.Namespace) -> Dict[str, Any]:
 
 def format_row(row: Dict[str, Any]) -> str:
     """One printed table line (see :data:`HEADER`)."""
-    def num(key, spec):
-        return "" if row.get(key) is None else format(row[key], spec)
-    return (f"{row['density']:>8g} {row.get('nnz', ''):>9} {num('masked_ms', '.3f'):>10} "
-            f"{num('csr_ms', '.3f'):>10} {num('speedup', '.2f'):>8} "
-            f"{num('masked_b1_us', '.1f'):>10} {num('csr_b1_us', '.1f'):>10} "
-            f"{num('b1_speedup', '.2f'):>8}  {row['status']:<6} {row.get('backends', '')}")
+    return (f"{row['density']:>8g} {row.get('nnz', ''):>9} {field(row, 'masked_ms', '.3f'):>10} "
+            f"{field(row, 'csr_ms', '.3f'):>10} {field(row, 'speedup', '.2f'):>8} "
+            f"{field(row, 'masked_b1_us', '.1f'):>10} {field(row, 'csr_b1_us', '.1f'):>10} "
+            f"{field(row, 'b1_speedup', '.2f'):>8}  {row['status']:<6} {row.get('backends', '')}")
 
 
 HEADER = (f"{'density':>8} {'nnz':>9} {'masked ms':>10} {'csr ms':>10} {'speedup':>8} "
@@ -137,10 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Run the benchmark; prints the table and writes mlp_step.csv and mlp_step.json."""
     args = parse_args(argv)
-    threads_before = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with restored_threads(args.threads):
         print(f"# MLP {'-'.join(map(str, [IN_FEATURES, *args.hidden, CLASSES]))}, ER, batch "
               f"{args.batch}, {torch.get_num_threads()} threads; median of {args.reps} "
               f"interleaved steps (bursts of {args.burst}, first untimed), {args.infer_reps} "
@@ -150,10 +146,7 @@ def main(argv=None) -> int:
         for density in args.densities:
             rows.append(run_density(density, args))
             print(format_row(rows[-1]))
-        meta = environment({k: str(v) if isinstance(v, Path) else v
-                            for k, v in vars(args).items()})
-    finally:
-        torch.set_num_threads(threads_before)
+        meta = environment(vars(args))
     csv_path = write_results(args.out, "mlp_step", rows, FIELDS, meta)
     print(f"# wrote {csv_path} and {csv_path.with_suffix('.json')}")
     return 0
