@@ -365,7 +365,9 @@ class GradientMomentum:
     def _forward(self, module, args, output) -> None:
         if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
             return
-        x, step = args[0].detach(), self.step_index
+        # a copy: the live input may be modified in place after the forward (our op keeps its
+        # own transposed copy, so autograd would not notice)
+        x, step = args[0].detach().clone(), self.step_index
 
         def on_grad(grad):
             self._records.setdefault(id(module), []).append((step, x, grad.detach()))
