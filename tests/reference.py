@@ -1,4 +1,6 @@
-"""Slow, obviously correct dense references for the sparse kernels."""
+"""Slow, obviously correct dense references for the sparse kernels, and shared test helpers."""
+import gc
+
 import torch
 
 from torch_nerva import CSRLayout
@@ -37,3 +39,11 @@ def assert_twins_train_alike(sparse, masked, make_opt, steps=20, device="cpu"):
             opt.step()
             losses.append(loss.detach())
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+
+
+def end_process_group():
+    """Orderly end of a test's torch.distributed worker: collect the objects the caller
+    released (DDP's reducer holds the process group), wait for every rank, then destroy."""
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

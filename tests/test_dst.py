@@ -11,6 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import torch_nerva as tn
 from torch_nerva import dst
 
+from reference import end_process_group
+
 
 def _model(seed=0, density=0.1):
     dense = nn.Sequential(nn.Linear(40, 96), nn.ReLU(), nn.Linear(96, 7))
@@ -229,7 +231,8 @@ def _ddp_worker(rank, world, port, result, grow="gradient"):
         torch.distributed.all_gather(g, v)
     if rank == 0:
         result.put([all(torch.equal(g[0], g[i]) for i in range(world)) for g in gathered + gv])
-    torch.distributed.destroy_process_group()
+    del ddp
+    end_process_group()
 
 
 @pytest.mark.parametrize("grow", ["gradient", "momentum"])

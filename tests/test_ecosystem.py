@@ -14,6 +14,8 @@ from torch import nn
 import torch_nerva as tn
 from torch_nerva import interchange as ic
 
+from reference import end_process_group
+
 
 def _layer(seed=0, density=0.2, shape=(30, 20)):
     return tn.SparseLinear(shape[1], shape[0], density=density,
@@ -244,7 +246,8 @@ def _ddp_worker(rank, world, port, result, backend="gloo"):
         opt.step()
     if rank == 0:
         result.put([p.detach().cpu().numpy().copy() for p in model.parameters()])  # by value
-    torch.distributed.destroy_process_group()
+    del ddp
+    end_process_group()
 
 
 def _ddp_model():
