@@ -27,6 +27,15 @@ def _masked_layers(model):
     return [m for m in model.modules() if isinstance(m, tn.MaskedLinear)]
 
 
+def _step(model, opt, x, y):
+    """One training step (forward, zero_grad, backward, optimizer step); returns the loss."""
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def _data(seed, n=32):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 40, generator=g), torch.randint(0, 7, (n,), generator=g)
@@ -98,12 +107,8 @@ def test_masked_and_csr_twins_stay_identical_step_by_step(make_opt, drop, grow):
         x, y = _data(100 + step)
         losses = []
         for model, opt, sched in zip((sparse, masked), opts, scheds):
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            losses.append(_step(model, opt, x, y))
             sched.step(batch=(x, y))
-            losses.append(loss.detach())
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
         for s, m in zip(_sparse_layers(sparse), _masked_layers(masked)):
             assert torch.equal(s.mask(), m.mask)
@@ -215,10 +220,7 @@ def _ddp_worker(rank, world, port, result, grow="gradient"):
                                 loss_fn=nn.functional.cross_entropy)
     for step in range(8):
         x, y = _data(1000 * rank + step)  # different data on every rank
-        loss = nn.functional.cross_entropy(ddp(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _step(ddp, opt, x, y)
         sched.step(batch=(x, y))
     layouts = [torch.cat([m.crow_indices.long(), m.col_indices.long()])
                for m in _sparse_layers(model)]
@@ -297,10 +299,7 @@ def test_momentum_growth_scores_the_truncated_momentum_of_the_dense_gradient():
                 d.bias.copy_(s.bias)
         nn.functional.cross_entropy(ref(x), y).backward()
         dense_grads.append([ref[0].weight.grad, ref[2].weight.grad])
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _step(model, opt, x, y)
         with torch.no_grad():
             model(x)  # an evaluation forward: not recorded
         rec.next_step()
@@ -329,10 +328,7 @@ def test_momentum_schedule_records_only_the_window_before_each_update():
     for step in range(1, 41):
         recording.append(sched.recorder.recording)
         x, y = _data(step)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _step(model, opt, x, y)
         if sched.step() is not None:
             assert step in (10, 20, 30)
     assert [s for s, r in zip(range(1, 41), recording) if r] == [
@@ -358,10 +354,7 @@ def test_checkpoint_mid_training_resumes_bit_exactly(tmp_path, grow):
     def train(model, opt, sched, steps):
         for step in steps:
             x, y = _data(200 + step)
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            _step(model, opt, x, y)
             sched.step(batch=(x, y))
 
     ref = make()
@@ -395,12 +388,8 @@ def test_a_compiled_model_follows_topology_updates_without_recompiling():
         x, y = _data(300 + step)
         losses = []
         for f, opt, sched in zip((eager, compiled), opts, scheds):
-            loss = nn.functional.cross_entropy(f(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            losses.append(_step(f, opt, x, y))
             sched.step()
-            losses.append(loss.detach())
         torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
     assert scheds[1].updates == 3
     assert counters["stats"]["unique_graphs"] == 1  # nnz is constant: no recompilation
