@@ -57,6 +57,33 @@ def _random_positions(n_total: int, nnz: int, generator: Optional[torch.Generato
     return found[keep].sort().values
 
 
+# Rows per step when building a row pointer: bounds the temporary int64 counts.
+_CROW_STEP = 1 << 22
+
+
+def _row_pointer(rows: Tensor, n_rows: int, index_dtype: torch.dtype) -> Tensor:
+    """CSR row pointer (n_rows + 1, ``index_dtype``) of sorted int64 row indices, built in steps
+    of rows so that no temporary of n_rows int64 entries exists (the result is the only
+    n_rows-sized tensor: a layer of 10^9 rows needs 4 GB for it with int32, not 3x that)."""
+    crow = torch.empty(n_rows + 1, dtype=index_dtype)
+    crow[0] = 0
+    if n_rows == 0:
+        return crow
+    edges = torch.arange(0, n_rows + _CROW_STEP, _CROW_STEP).clamp_max_(n_rows)
+    bounds = torch.searchsorted(rows, edges).tolist()
+    done = 0
+    for i in range(len(edges) - 1):
+        a, b = int(edges[i]), int(edges[i + 1])
+        if a >= b:
+            break
+        counts = torch.bincount(rows[bounds[i]:bounds[i + 1]] - a, minlength=b - a)
+        part = torch.cumsum(counts, 0)
+        part += done
+        crow[a + 1:b + 1] = part
+        done = int(part[-1])
+    return crow
+
+
 def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
     """``torch.sparse_csr_tensor`` over validated indices, without torch's beta warning."""
     with warnings.catch_warnings():
@@ -75,11 +102,32 @@ class CSRLayout:
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def from_positions(cls, positions: Tensor, shape, index_dtype=None) -> "CSRLayout":
-        """From sorted flat row-major positions ``row * n_cols + col`` (int64)."""
+        """From flat row-major positions ``row * n_cols + col`` (an integer tensor), strictly
+        increasing (sorted, no duplicates) and in ``[0, n_rows * n_cols)``: checked, O(nnz)."""
         n_rows, n_cols = int(shape[0]), int(shape[1])
+        if n_rows < 0 or n_cols < 0:
+            raise ValueError(f"shape must be non-negative, got {(n_rows, n_cols)}")
         _check_index_dtype(index_dtype)
+        if not isinstance(positions, Tensor) or positions.dim() != 1 or \
+                positions.is_floating_point() or positions.is_complex() or \
+                positions.dtype == torch.bool:
+            raise TypeError("positions must be a 1-D integer tensor, got "
+                            + (f"{positions.dtype} of shape {tuple(positions.shape)}"
+                               if isinstance(positions, Tensor) else type(positions).__name__))
         positions = positions.to(torch.long)
         nnz = positions.numel()
+        if nnz:
+            if int(positions[0]) < 0 or int(positions[-1]) >= n_rows * n_cols:
+                bad = positions[(positions < 0) | (positions >= n_rows * n_cols)]
+                raise ValueError(f"position {int(bad[0]) if bad.numel() else int(positions[0])} "
+                                 f"is outside a {n_rows} x {n_cols} layout")
+            steps = positions[1:] <= positions[:-1]
+            if bool(steps.any()):
+                i = int(steps.nonzero()[0]) + 1
+                what = "duplicate" if positions[i] == positions[i - 1] else "unsorted"
+                raise ValueError(f"positions must be strictly increasing: {what} position "
+                                 f"{int(positions[i])} at index {i} after "
+                                 f"{int(positions[i - 1])}")
         index_dtype = index_dtype or index_dtype_for(n_rows, n_cols, nnz)
         if index_dtype == torch.int32 and max(n_rows, n_cols, nnz) > _INT32_MAX:
             raise ValueError(f"a {n_rows} x {n_cols} layout with {nnz} nonzeros does not fit "
@@ -89,10 +137,7 @@ class CSRLayout:
         else:
             rows = torch.div(positions, n_cols, rounding_mode="floor")
             cols = positions - rows * n_cols
-        counts = torch.bincount(rows, minlength=n_rows) if nnz else torch.zeros(n_rows, dtype=torch.long)
-        crow = torch.zeros(n_rows + 1, dtype=torch.long)
-        torch.cumsum(counts, 0, out=crow[1:])
-        return cls(crow.to(index_dtype), cols.to(index_dtype), (n_rows, n_cols))
+        return cls(_row_pointer(rows, n_rows, index_dtype), cols.to(index_dtype), (n_rows, n_cols))
 
     @classmethod
     def random(cls, n_rows: int, n_cols: int, nnz: int, *,

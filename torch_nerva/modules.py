@@ -6,7 +6,7 @@ then values, then bias), so ``SparseLinear(..., generator=g1)`` and
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +108,26 @@ class _LinearBase(nn.Module):
     def density(self) -> float:
         total = self.in_features * self.out_features
         return self.nnz / total if total else 0.0
+
+
+class _ParametrizationDict(nn.ModuleDict):
+    """``module.parametrizations`` of a sparse layer: a ModuleDict whose keys may be names
+    that ModuleDict itself defines as methods (``values``): torch.nn.utils.parametrize reads
+    and writes it by key only, and the plain ModuleDict refuses ``"values"`` with a KeyError."""
+
+    def add_module(self, name: str, module: Optional[nn.Module]) -> None:
+        if name in ("values", "keys", "items", "pop", "update", "clear"):
+            self._modules[name] = module
+            return
+        super().add_module(name, module)
+
+
+def _bump_versions(*tensors: Optional[Tensor]) -> None:
+    """Mark tensors as modified in place for autograd: a graph that saved one of them raises
+    ("modified by an inplace operation") instead of computing a gradient of a stale topology."""
+    for t in tensors:
+        if t is not None:
+            torch.autograd.graph.increment_version(t)
 
 
 class SparseLinear(_LinearBase):
@@ -230,22 +250,33 @@ class SparseLinear(_LinearBase):
         """A layer over an existing (validated or self-built) ``layout``, ``values`` in its
         order (copied) and ``bias`` (copied; ``has_bias=True`` without ``bias`` makes a zero
         bias). dtype from ``values``; device from ``device``, else from ``values``."""
+        if not isinstance(layout, CSRLayout):
+            raise TypeError(f"layout must be a CSRLayout, got {type(layout).__name__}")
+        layout.validate()  # sorted, duplicate-free, in range: O(nnz)
         out_f, in_f = layout.shape
+        if not isinstance(values, Tensor) or not values.is_floating_point():
+            raise TypeError(f"values must be a floating-point tensor, got "
+                            f"{getattr(values, 'dtype', type(values).__name__)}")
         if values.shape != (layout.nnz,):
             raise ValueError(f"values must have shape ({layout.nnz},) for this layout, got "
                              f"{tuple(values.shape)}")
         if bias is not None and bias.shape != (out_f,):
             raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
-        device = values.device if device is None else device
-        layer = cls(in_f, out_f, bias is not None if has_bias is None else has_bias, nnz=0,
-                    backend=backend, device=device, dtype=values.dtype)
-        layer._adopt(layout, values)
-        if layer.bias is not None:
-            with torch.no_grad():
-                if bias is None:
-                    layer.bias.zero_()
-                else:
-                    layer.bias.copy_(bias)
+        device = values.device if device is None else torch.device(device)
+        with_bias = bias is not None if has_bias is None else has_bias
+        # Built around the given layout directly (no placeholder topology of the full shape
+        # first: for a layer of 10^9 rows that alone would be gigabytes).
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        _check_features(in_f, out_f)
+        layer.in_features, layer.out_features = in_f, out_f
+        layer.backend = backends.check(backend)
+        layer._init_weight(layout, values.detach().clone(), device)
+        if with_bias:
+            b = values.new_zeros(out_f) if bias is None else bias.detach().to(values.dtype)
+            layer.bias = nn.Parameter(b.to(device, copy=True))
+        else:
+            layer.register_parameter("bias", None)
         return layer
 
     @classmethod
@@ -259,44 +290,157 @@ class SparseLinear(_LinearBase):
         return cls.from_layout(layout, w.detach().flatten()[layout.positions().to(w.device)],
                                linear.bias, backend=backend)
 
-    def _adopt(self, layout: CSRLayout, values: Tensor) -> None:
-        """Replace topology and values (same Parameter object, new size)."""
+    def _adopt(self, layout: CSRLayout, values: Tensor, grad: Optional[Tensor] = None) -> None:
+        """Replace topology and values (same Parameter object, new size). ``layout`` must be
+        valid. ``values.grad`` becomes ``grad`` (the caller's remapping of the old gradient to
+        the new connections) or None: the old one belongs to connections that moved.
+
+        Every tensor a pending autograd graph may have saved (values, the topology and its
+        caches) is marked modified, so a backward through a forward of the old topology raises
+        as it does for the masked twin, instead of mixing two topologies."""
         device = self.values.device
+        b = self._buffers
+        _bump_versions(self.values, b.get("crow_indices"), b.get("col_indices"),
+                       b.get("crow_indices_t"), b.get("col_indices_t"), b.get("perm_t"),
+                       b.get("dense_positions"))
         self.values.data = values.detach().to(device=device, dtype=self.values.dtype).clone()
+        self.values.grad = None if grad is None else grad.to(self.values)
         self._set_layout(layout.crow.to(device), layout.col.to(device))
+
+    def __setattr__(self, name, value):
+        if name == "parametrizations" and type(value) is nn.ModuleDict and not len(value):
+            value = _ParametrizationDict()  # see _ParametrizationDict
+        super().__setattr__(name, value)
 
     # -- state dict: carries values, indices and shape; a different topology is adopted -----
     def get_extra_state(self):
         return {"in_features": self.in_features, "out_features": self.out_features}
 
     def set_extra_state(self, state) -> None:
-        shape = (state.get("out_features"), state.get("in_features"))
-        if shape != (self.out_features, self.in_features):
-            raise ValueError(f"SparseLinear state is for shape (out, in) = {shape}, this layer "
-                             f"is ({self.out_features}, {self.in_features})")
+        problem = _extra_state_problem(state, self.out_features, self.in_features)
+        if problem:
+            raise ValueError(problem)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        crow = state_dict.get(prefix + "crow_indices")
-        col = state_dict.get(prefix + "col_indices")
-        values = state_dict.get(prefix + "values")
-        if crow is not None and col is not None and values is not None:
-            try:
-                layout = CSRLayout.from_tensors(crow.cpu(), col.cpu(),
-                                                (self.out_features, self.in_features))
-                if values.shape != (layout.nnz,):
-                    raise ValueError(f"values has shape {tuple(values.shape)}, the saved layout "
-                                     f"has nnz = {layout.nnz}")
-            except (RuntimeError, ValueError, TypeError) as e:
-                error_msgs.append(f"invalid sparse layout for {prefix or 'SparseLinear'}: {e}")
-                return
-            if (not torch.equal(layout.crow, self.crow_indices.cpu().to(layout.crow.dtype))
-                    or layout.col.shape != self.col_indices.shape
-                    or not torch.equal(layout.col, self.col_indices.cpu().to(layout.col.dtype))):
-                # Adopt the saved topology (values are then copied by the default loader).
-                self._adopt(layout, values)
+        """All or nothing for this layer: every key of its prefix is checked first (tensors,
+        shapes, the layout sorted, duplicate-free and in range, values' length, the extra
+        state, and under ``strict`` missing and unexpected keys); on any problem the error is
+        reported and nothing of the layer changes. A partial state (``strict=False``) combines
+        the given tensors with the layer's own, validated together; a different topology is
+        adopted (values, transpose cache, dense positions rebuilt; pending graphs of the old
+        one invalidated, ``values.grad`` dropped)."""
+        plan = _plan_sparse_load(self, state_dict, prefix, strict, missing_keys,
+                                 unexpected_keys, error_msgs)
+        if plan is None:
+            return
+        layout, values = plan
+        if layout is not None:
+            self._adopt(layout, values)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+def _extra_state_problem(state, out_features: int, in_features: int) -> Optional[str]:
+    if not isinstance(state, dict):
+        return (f"the saved _extra_state must be a dict with in_features and out_features, got "
+                f"{type(state).__name__}")
+    shape = (state.get("out_features"), state.get("in_features"))
+    if shape != (out_features, in_features):
+        return (f"the saved layer has shape (out, in) = {shape}, this layer is "
+                f"({out_features}, {in_features})")
+    return None
+
+
+def _tensor_problem(key: str, value) -> Optional[str]:
+    if not isinstance(value, Tensor):
+        return f"{key} must be a torch.Tensor, got {type(value).__name__}"
+    return None
+
+
+def _strict_keys(module: nn.Module, state_dict, prefix: str, extra_state: bool
+                 ) -> Tuple[List[str], List[str]]:
+    """The missing and unexpected keys nn.Module's loader would report for this leaf module."""
+    local = [n for n, p in module._parameters.items() if p is not None]
+    local += [n for n, b in module._buffers.items()
+              if b is not None and n not in module._non_persistent_buffers_set]
+    if extra_state:
+        local.append("_extra_state")
+    missing = [prefix + n for n in local if prefix + n not in state_dict]
+    unexpected = [k for k in state_dict if k.startswith(prefix)
+                  and k[len(prefix):].split(".", 1)[0] not in local
+                  and k[len(prefix):].split(".", 1)[0] not in module._modules]
+    return missing, unexpected
+
+
+def _plan_sparse_load(layer: "SparseLinear", state_dict, prefix, strict, missing_keys,
+                      unexpected_keys, error_msgs):
+    """Validate everything SparseLinear's load would read; returns ``(layout or None, values)``
+    to apply, or None after recording the problems (the layer is then left untouched)."""
+    name = prefix[:-1] or "SparseLinear"
+    problems: List[str] = []
+    given = {k: state_dict[prefix + k] for k in ("values", "crow_indices", "col_indices", "bias")
+             if prefix + k in state_dict}
+    for k, v in given.items():
+        problem = _tensor_problem(prefix + k, v)
+        if problem:
+            problems.append(problem)
+    if prefix + "_extra_state" in state_dict:
+        problem = _extra_state_problem(state_dict[prefix + "_extra_state"], layer.out_features,
+                                       layer.in_features)
+        if problem:
+            problems.append(problem)
+    if strict:
+        missing, unexpected = _strict_keys(layer, state_dict, prefix, extra_state=True)
+        if missing or unexpected:
+            missing_keys.extend(missing)
+            unexpected_keys.extend(unexpected)
+            problems.append("")  # reported through the key lists
+    layout = None
+    values = given.get("values", layer.values.detach())
+    if not problems:
+        crow = given.get("crow_indices", layer.crow_indices)
+        col = given.get("col_indices", layer.col_indices)
+        try:
+            if not values.is_floating_point() or values.dim() != 1:
+                raise ValueError(f"values must be a 1-D floating-point tensor, got "
+                                 f"{values.dtype} of shape {tuple(values.shape)}")
+            if "crow_indices" in given or "col_indices" in given:
+                layout = CSRLayout.from_tensors(crow.detach().cpu(), col.detach().cpu(),
+                                                (layer.out_features, layer.in_features))
+                nnz = layout.nnz
+            else:
+                nnz = layer.nnz
+            if values.shape != (nnz,):
+                raise ValueError(f"values has shape {tuple(values.shape)}, the layout has "
+                                 f"nnz = {nnz}" + ("" if layout is not None else
+                                                    " (load crow_indices and col_indices with "
+                                                    "values of another length)"))
+            bias = given.get("bias")
+            if bias is not None:
+                if layer.bias is None:
+                    raise ValueError("the state has a bias, the layer has none")
+                if bias.shape != layer.bias.shape or not bias.is_floating_point():
+                    raise ValueError(f"bias must be a floating-point tensor of shape "
+                                     f"{tuple(layer.bias.shape)}, got {bias.dtype} of shape "
+                                     f"{tuple(bias.shape)}")
+        except (RuntimeError, ValueError, TypeError) as e:
+            problems.append(str(e))
+    problems = [p for p in problems if p]
+    if problems:
+        error_msgs.append(f"invalid sparse state for {name} (nothing of it was loaded): "
+                          + "; ".join(problems))
+        return None
+    if layout is not None and layout_equal(layout, layer.layout):
+        layout = None  # same topology: values are copied in place by nn.Module's loader
+    return layout, values
+
+
+def layout_equal(a: CSRLayout, b: CSRLayout) -> bool:
+    """Same shape and the same nonzeros (index dtypes may differ)."""
+    return (a.shape == b.shape and a.col.shape == b.col.shape
+            and torch.equal(a.crow.cpu().long(), b.crow.cpu().long())
+            and torch.equal(a.col.cpu().long(), b.col.cpu().long()))
 
 
 class MaskedLinear(_LinearBase):
@@ -317,6 +461,40 @@ class MaskedLinear(_LinearBase):
     @property
     def nnz(self) -> int:
         return int(self.mask.sum())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """All or nothing for this layer, as SparseLinear's: shapes and the mask (boolean, or
+        0/1 numbers) are checked before anything is copied."""
+        problems = []
+        for key, ref in (("weight", self.weight), ("mask", self.mask), ("bias", self.bias)):
+            if prefix + key not in state_dict:
+                continue
+            value = state_dict[prefix + key]
+            problem = _tensor_problem(prefix + key, value)
+            if problem is None and ref is None:
+                problem = f"the state has a {key}, the layer has none"
+            elif problem is None and value.shape != ref.shape:
+                problem = f"{key} has shape {tuple(value.shape)}, the layer {tuple(ref.shape)}"
+            elif problem is None and key == "mask" and value.dtype != torch.bool and not bool(
+                    ((value == 0) | (value == 1)).all()):
+                problem = "mask must be boolean (or hold only 0 and 1)"
+            elif problem is None and key != "mask" and not value.is_floating_point():
+                problem = f"{key} must be floating point, got {value.dtype}"
+            if problem:
+                problems.append(problem)
+        if strict:
+            missing, unexpected = _strict_keys(self, state_dict, prefix, extra_state=False)
+            if missing or unexpected:
+                missing_keys.extend(missing)
+                unexpected_keys.extend(unexpected)
+                return
+        if problems:
+            error_msgs.append(f"invalid masked state for {prefix[:-1] or 'MaskedLinear'} "
+                              "(nothing of it was loaded): " + "; ".join(problems))
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
     def dense_weight(self) -> Tensor:

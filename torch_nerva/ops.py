@@ -72,9 +72,21 @@ def padded_ld(batch: int, dtype: torch.dtype) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Fake (meta) kernels: shapes and dtypes only, never data; fresh contiguous outputs.
+#
+# The dispatcher runs the Meta kernel as soon as one argument is on the meta device, so a fake
+# must refuse arguments on different devices: otherwise a meta index tensor beside CPU data
+# returns an uninitialised CPU tensor instead of an error.
+
+def _check_devices(op: str, **tensors) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    devices = {t.device for _, t in named}
+    torch._check(len(devices) <= 1, lambda: f"{op}: arguments on different devices: " + ", ".join(
+        f"{n} on {t.device}" for n, t in named) + "; move them to one device")
+
 
 @torch.library.register_fake("torch_nerva::csr_spmm")
 def _csr_spmm_fake(x, values, crow, col, perm=None, bias=None):
+    _check_devices("csr_spmm", x=x, values=values, crow=crow, col=col, perm=perm, bias=bias)
     torch._check(x.dim() == 2, lambda: f"csr_spmm: x must be 2-D, got {x.dim()}-D")
     torch._check(values.dtype == x.dtype, lambda: "csr_spmm: values and x dtypes differ")
     return x.new_empty((x.shape[0], crow.shape[0] - 1))
@@ -82,22 +94,27 @@ def _csr_spmm_fake(x, values, crow, col, perm=None, bias=None):
 
 @torch.library.register_fake("torch_nerva::csr_sddmm")
 def _csr_sddmm_fake(grad_out, x, crow, col):
+    _check_devices("csr_sddmm", grad_out=grad_out, x=x, crow=crow, col=col)
     torch._check(grad_out.dim() == 2 and x.dim() == 2, lambda: "csr_sddmm: inputs must be 2-D")
     return x.new_empty((col.shape[0],))
 
 
 @torch.library.register_fake("torch_nerva::csr_transpose")
 def _csr_transpose_fake(crow, col, n_cols):
+    _check_devices("csr_transpose", crow=crow, col=col)
     return crow.new_empty((n_cols + 1,)), col.new_empty(col.shape), col.new_empty(col.shape)
 
 
 @torch.library.register_fake("torch_nerva::csr_check")
 def _csr_check_fake(crow, col, n_rows, n_cols):
+    _check_devices("csr_check", crow=crow, col=col)
     return None
 
 
 @torch.library.register_fake("torch_nerva::sparse_linear")
 def _sparse_linear_fake(x, values, bias, crow, col, crow_t, col_t, perm):
+    _check_devices("sparse_linear", x=x, values=values, bias=bias, crow=crow, col=col,
+                   crow_t=crow_t, col_t=col_t, perm=perm)
     torch._check(x.dim() == 2, lambda: f"sparse_linear: x must be 2-D, got {x.dim()}-D")
     torch._check(values.dtype == x.dtype, lambda: "sparse_linear: values and x dtypes differ")
     torch._check(x.shape[1] == crow_t.shape[0] - 1,
@@ -113,6 +130,8 @@ def _sparse_linear_fake(x, values, bias, crow, col, crow_t, col_t, perm):
 @torch.library.register_fake("torch_nerva::sparse_linear_backward")
 def _sparse_linear_backward_fake(grad, xt, values, crow, col, crow_t, col_t, perm, input_grad,
                                  values_grad):
+    _check_devices("sparse_linear_backward", grad=grad, xt=xt if values_grad else None,
+                   values=values, crow=crow, col=col, crow_t=crow_t, col_t=col_t, perm=perm)
     grad_x = grad.new_empty((grad.shape[0], crow_t.shape[0] - 1) if input_grad else (0,))
     grad_values = grad.new_empty((col.shape[0],) if values_grad else (0,))
     return grad_x, grad_values
@@ -131,6 +150,7 @@ def _parallel_probe_fake(n):
 if hasattr(_ops, "mkl_spmm"):
     @torch.library.register_fake("torch_nerva::mkl_spmm")
     def _mkl_spmm_fake(x, values, crow, col, n_cols, transpose):
+        _check_devices("mkl_spmm", x=x, values=values, crow=crow, col=col)
         torch._check(x.dim() == 2, lambda: f"mkl_spmm: x must be 2-D, got {x.dim()}-D")
         torch._check(values.dtype == x.dtype, lambda: "mkl_spmm: values and x dtypes differ")
         n_rows = crow.shape[0] - 1
@@ -149,11 +169,15 @@ def mkl_spmm(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, n_cols: int,
 
 @torch.library.register_fake("torch_nerva::csr_spmm_fm")
 def _csr_spmm_fm_fake(xt, values, crow, col, bias=None, lo=None, hi=None):
+    _check_devices("csr_spmm_fm", xt=xt, values=values, crow=crow, col=col, bias=bias)
     torch._check(xt.dim() == 2, lambda: f"csr_spmm_fm: xt must be 2-D, got {xt.dim()}-D")
     return xt.new_empty((crow.shape[0] - 1, xt.shape[1]))
 
 
 @torch.library.register_fake("torch_nerva::sparse_chain")
 def _sparse_chain_fake(y0, values, crows, cols, bias, lo, hi, chunk, prune):
+    _check_devices("sparse_chain", y0=y0, **{f"{name}[{i}]": t for name, ts in
+                                             (("values", values), ("crows", crows), ("cols", cols))
+                                             for i, t in enumerate(ts)})
     torch._check(y0.dim() == 2, lambda: f"sparse_chain: y0 must be 2-D, got {y0.dim()}-D")
     return y0.new_empty((y0.shape[0],), dtype=torch.bool)

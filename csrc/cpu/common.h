@@ -1,47 +1,18 @@
-// Shared argument checks and small vector helpers for the native CPU kernels.
+// Shared helpers of the native CPU kernels: the device-independent checks (csrc/checks.h),
+// made visible in torch_nerva::cpu.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include "../checks.h"
 
-#include <cstdint>
-#include <limits>
+#include <ATen/Parallel.h>
 
 namespace torch_nerva {
 namespace cpu {
 
-// Checks that do not read index data: ranks, dtypes, lengths. The per-element
-// checks (row pointer monotone, column in range) are done inside the kernels as
-// they read each index, so a malformed layout raises instead of reading out of
-// bounds, at no extra pass over the data.
-inline void check_index_pair(const char* op, const at::Tensor& crow, const at::Tensor& col) {
-  TORCH_CHECK(crow.dim() == 1, op, ": crow must be 1-D (n_rows + 1), got shape ", crow.sizes());
-  TORCH_CHECK(col.dim() == 1, op, ": col must be 1-D (nnz), got shape ", col.sizes());
-  TORCH_CHECK(crow.numel() >= 1, op, ": crow must have n_rows + 1 >= 1 entries, got 0");
-  TORCH_CHECK(crow.scalar_type() == at::kInt || crow.scalar_type() == at::kLong, op,
-              ": index tensors must be int32 or int64, got crow of dtype ", crow.scalar_type());
-  TORCH_CHECK(col.scalar_type() == crow.scalar_type(), op,
-              ": crow and col must have the same index dtype, got ", crow.scalar_type(), " and ",
-              col.scalar_type());
-}
-
-inline void check_values(const char* op, const at::Tensor& values, const at::Tensor& x,
-                         const char* x_name) {
-  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D (nnz), got shape ", values.sizes());
-  TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": ", x_name, " has dtype ",
-              x.scalar_type(), " but values have dtype ", values.scalar_type(),
-              "; cast one to match");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": only float32 and float64 are supported, got ", x.scalar_type());
-}
-
-template <typename index_t>
-inline void check_row_pointer_ends(const char* op, const index_t* crow, int64_t n_rows,
-                                   int64_t nnz) {
-  TORCH_CHECK(crow[0] == 0, op, ": crow[0] must be 0, got ", (int64_t)crow[0]);
-  TORCH_CHECK((int64_t)crow[n_rows] == nnz, op, ": crow[-1] must equal nnz = ", nnz, ", got ",
-              (int64_t)crow[n_rows]);
-}
+using torch_nerva::check_devices;
+using torch_nerva::check_index_pair;
+using torch_nerva::check_row_pointer_ends;
+using torch_nerva::check_values;
 
 }  // namespace cpu
 }  // namespace torch_nerva

@@ -62,8 +62,11 @@ struct KernelTable {
 template <typename S>
 struct TransposeTable {
   // xt[i * ld + b] = x[b * n + i] for b < batch, 0 for batch <= b < ld; features [i0, i1).
-  void (*transpose_pad)(const S* x, int64_t batch, int64_t n, int64_t ld, S* xt, int64_t i0,
+  // Returns whether any of the values copied is NaN or +-Inf (checked while the panel is in L1).
+  bool (*transpose_pad)(const S* x, int64_t batch, int64_t n, int64_t ld, S* xt, int64_t i0,
                         int64_t i1);
+  // Whether any of p[0, n) is NaN or +-Inf.
+  bool (*any_nonfinite)(const S* p, int64_t n);
   // y[b * n + i] = yt[i * ld + b] for b < batch; features [i0, i1).
   void (*untranspose)(const S* yt, int64_t batch, int64_t n, int64_t ld, S* y, int64_t i0,
                       int64_t i1);

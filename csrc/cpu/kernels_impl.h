@@ -308,10 +308,40 @@ inline void transpose_block(const S* src, int64_t lds, S* dst, int64_t ldd, int6
 // other side stays in L1. Without this, rows a multiple of 4 KiB apart evict each other.
 constexpr int64_t kPanel = 64;
 
+// The exponent bits of a float type: all ones exactly for NaN and +-Inf.
 template <typename S>
-void transpose_pad(const S* x, int64_t batch, int64_t n, int64_t ld, S* xt, int64_t i0,
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  typedef uint32_t U;
+  static constexpr U exponent = 0x7f800000u;
+};
+template <>
+struct FloatBits<double> {
+  typedef uint64_t U;
+  static constexpr U exponent = 0x7ff0000000000000ull;
+};
+
+// Whether any of p[0, n) is NaN or +-Inf: integer tests on the bits, branch-free so that the
+// loop vectorizes (a floating-point test could be folded away or would need ordered compares).
+template <typename S>
+bool any_nonfinite(const S* p, int64_t n) {
+  typedef typename FloatBits<S>::U U;
+  constexpr U E = FloatBits<S>::exponent;
+  U found = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    U bits;
+    __builtin_memcpy(&bits, p + i, sizeof(U));
+    found |= static_cast<U>((bits & E) == E);
+  }
+  return found != 0;
+}
+
+template <typename S>
+bool transpose_pad(const S* x, int64_t batch, int64_t n, int64_t ld, S* xt, int64_t i0,
                    int64_t i1) {
   constexpr int64_t M = micro_side<S>();
+  bool nonfinite = false;
   for (int64_t p = i0; p < i1; p += kPanel) {
     const int64_t pe = tn_min<int64_t>(p + kPanel, i1);
     int64_t b = 0;
@@ -331,7 +361,10 @@ void transpose_pad(const S* x, int64_t batch, int64_t n, int64_t ld, S* xt, int6
       const int64_t from = (b <= ld && (pe - p) % M == 0) ? b : batch;
       for (int64_t c = from; c < ld; ++c) xt[i * ld + c] = S(0);
     }
+    // the panel's rows of xt are in L1 now: the non-finite test costs no memory traffic
+    for (int64_t i = p; i < pe && !nonfinite; ++i) nonfinite = any_nonfinite<S>(xt + i * ld, batch);
   }
+  return nonfinite;
 }
 
 template <typename S>
@@ -362,7 +395,7 @@ KernelTable<S, I> kernel_table() {
 
 template <typename S>
 TransposeTable<S> transpose_table() {
-  return {&transpose_pad<S>, &untranspose<S>};
+  return {&transpose_pad<S>, &any_nonfinite<S>, &untranspose<S>};
 }
 
 template KernelTable<float, int32_t> kernel_table<float, int32_t>();

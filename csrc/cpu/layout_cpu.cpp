@@ -20,11 +20,16 @@ template <typename index_t>
 void check_csr_data(const char* op, const index_t* crow, const index_t* col, int64_t n_rows,
                     int64_t n_cols, int64_t nnz) {
   check_row_pointer_ends(op, crow, n_rows, nnz);
+  // The whole row pointer first, so that a non-monotone one is reported as such (and not as
+  // unsorted columns of a row it made too long).
   for (int64_t r = 0; r < n_rows; ++r) {
     const int64_t start = crow[r], end = crow[r + 1];
     TORCH_CHECK(start <= end && end <= nnz, op, ": malformed row pointer: crow[", r, "] = ", start,
                 " and crow[", r + 1, "] = ", end, " (must be non-decreasing and <= nnz = ", nnz,
                 ")");
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const int64_t start = crow[r], end = crow[r + 1];
     for (int64_t k = start; k < end; ++k) {
       const int64_t c = col[k];
       TORCH_CHECK(c >= 0 && c < n_cols, op, ": column index out of range in row ", r,
@@ -42,6 +47,7 @@ void check_csr_data(const char* op, const index_t* crow, const index_t* col, int
 
 void csr_check_cpu(const at::Tensor& crow, const at::Tensor& col, int64_t n_rows, int64_t n_cols) {
   const char* op = "torch_nerva.csr_check";
+  check_devices(op, at::kCPU, {{"crow", &crow}, {"col", &col}});
   check_index_pair(op, crow, col);
   TORCH_CHECK(n_rows >= 0 && n_cols >= 0, op, ": shape must be non-negative, got (", n_rows, ", ",
               n_cols, ")");
@@ -63,6 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_transpose_cpu(const at::Tenso
                                                                  const at::Tensor& col,
                                                                  int64_t n_cols) {
   const char* op = "torch_nerva.csr_transpose";
+  check_devices(op, at::kCPU, {{"crow", &crow}, {"col", &col}});
   check_index_pair(op, crow, col);
   TORCH_CHECK(n_cols >= 0, op, ": n_cols must be non-negative, got ", n_cols);
   const int64_t n_rows = crow.numel() - 1, nnz = col.numel();
@@ -88,17 +95,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_transpose_cpu(const at::Tenso
       }
     }
     for (int64_t c = 0; c < n_cols; ++c) tp[c + 1] += tp[c];
-    // Scatter in row order: every transposed row comes out sorted by original row.
-    std::vector<index_t> next(tp, tp + n_cols);
+    // Scatter in row order: every transposed row comes out sorted by original row. tp[c] serves
+    // as column c's next free slot (no second array of n_cols entries: peak memory stays the
+    // output's); afterwards tp[c] holds the old tp[c + 1], so it is shifted back by one.
     index_t* ct = col_t.data_ptr<index_t>();
     index_t* pp = perm.data_ptr<index_t>();
     for (int64_t r = 0; r < n_rows; ++r) {
       for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
-        const index_t pos = next[cp[k]]++;
+        const index_t pos = tp[cp[k]]++;
         ct[pos] = (index_t)r;
         pp[pos] = (index_t)k;
       }
     }
+    for (int64_t c = n_cols; c > 0; --c) tp[c] = tp[c - 1];
+    tp[0] = 0;
   });
   return {crow_t, col_t, perm};
 }

@@ -9,11 +9,13 @@
 // of the thread count.
 #include "common.h"
 #include "kernels.h"
+#include "../nonfinite.h"
 
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -164,8 +166,9 @@ int64_t transpose_grain(int64_t ld) {
   return std::max<int64_t>(16, 65536 / std::max<int64_t>(ld, 1)) / 16 * 16;
 }
 
-// (batch x n) -> (n x ld) transposed, zero-padded to ld = padded_ld(batch).
-at::Tensor transpose_padded(const at::Tensor& x) {
+// (batch x n) -> (n x ld) transposed, zero-padded to ld = padded_ld(batch). With `nonfinite`,
+// also reports whether x holds a NaN or +-Inf (found while transposing, at no extra pass).
+at::Tensor transpose_padded(const at::Tensor& x, bool* nonfinite = nullptr) {
   const at::Tensor xc = x.contiguous();
   const int64_t batch = xc.size(0), n = xc.size(1);
   at::Tensor xt;
@@ -173,16 +176,21 @@ at::Tensor transpose_padded(const at::Tensor& x) {
     const int64_t ld = padded_ld<scalar_t>(batch);
     xt = at::empty({n, ld}, xc.options());
     if (n == 0 || ld == 0) return;
+    const auto table = transposes<scalar_t>();
+    const scalar_t* src = xc.data_ptr<scalar_t>();
     if (batch == 1) {  // (1 x n) and (n x 1) share one memory order
       xt.view({1, n}).copy_(xc);
+      if (nonfinite) *nonfinite = table.any_nonfinite(src, n);
       return;
     }
-    const auto fn = transposes<scalar_t>().transpose_pad;
-    const scalar_t* src = xc.data_ptr<scalar_t>();
     scalar_t* dst = xt.data_ptr<scalar_t>();
+    std::atomic<bool> found{false};
     at::parallel_for(0, n, transpose_grain(ld), [&](int64_t i0, int64_t i1) {
-      fn(src, batch, n, ld, dst, i0, i1);
+      if (table.transpose_pad(src, batch, n, ld, dst, i0, i1)) {
+        found.store(true, std::memory_order_relaxed);
+      }
     });
+    if (nonfinite) *nonfinite = found.load();
   });
   return xt;
 }
@@ -279,6 +287,10 @@ void check_spmm_args(const char* op, const at::Tensor& x, const at::Tensor& valu
                      const c10::optional<at::Tensor>& perm,
                      const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (batch x in_features), got shape ", x.sizes());
+  const at::Tensor no_tensor;
+  check_devices(op, at::kCPU, {{"x", &x}, {"values", &values}, {"crow", &crow}, {"col", &col},
+                               {"perm", perm.has_value() ? &*perm : &no_tensor},
+                               {"bias", bias.has_value() ? &*bias : &no_tensor}});
   check_index_pair(op, crow, col);
   check_values(op, values, x, "x");
   const int64_t n_out = crow.numel() - 1, n_pos = col.numel();
@@ -303,6 +315,8 @@ void check_spmm_args(const char* op, const at::Tensor& x, const at::Tensor& valu
 void check_linear_layout(const char* op, const at::Tensor& values, const at::Tensor& crow,
                          const at::Tensor& col, const at::Tensor& crow_t,
                          const at::Tensor& col_t, const at::Tensor& perm) {
+  check_devices(op, at::kCPU, {{"values", &values}, {"crow", &crow}, {"col", &col},
+                               {"crow_t", &crow_t}, {"col_t", &col_t}, {"perm", &perm}});
   check_index_pair(op, crow, col);
   check_index_pair(op, crow_t, col_t);
   TORCH_CHECK(crow_t.scalar_type() == crow.scalar_type() &&
@@ -425,6 +439,11 @@ at::Tensor sparse_chain_cpu(const at::Tensor& y0, at::TensorList values, at::Ten
               ": values, crows and cols must have one entry per layer");
   TORCH_CHECK(chunk >= 1, op, ": chunk must be >= 1, got ", chunk);
   TORCH_CHECK(lo <= hi, op, ": lo must be <= hi");
+  check_devices(op, at::kCPU, {{"y0", &y0}});
+  for (size_t l = 0; l < values.size(); ++l) {
+    check_devices(op, at::kCPU, {{"values", &values[l]}, {"crows", &crows[l]},
+                                 {"cols", &cols[l]}});
+  }
   TORCH_CHECK(!prune || (lo == 0 && bias <= 0), op,
               ": pruning dead inputs is exact only with lo = 0 and bias <= 0");
   const at::Tensor y = y0.contiguous();
@@ -452,7 +471,7 @@ at::Tensor sparse_chain_cpu(const at::Tensor& y0, at::TensorList values, at::Ten
   at::Tensor alive = at::zeros({batch}, y.options().dtype(at::kBool));
   if (batch == 0) return alive;
   if (values.empty()) return y.ne(0).any(1);
-  const int64_t n_chunks = (batch + chunk - 1) / chunk;
+  const int64_t n_chunks = batch / chunk + (batch % chunk != 0);  // no overflow near INT64_MAX
   std::vector<KernelError> errors(n_chunks);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "torch_nerva", [&] {
     AT_DISPATCH_INDEX_TYPES(c[0].scalar_type(), "torch_nerva", [&] {
@@ -482,6 +501,8 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
               ": grad_out and x must be 2-D, got shapes ", grad_out.sizes(), " and ", x.sizes());
   TORCH_CHECK(grad_out.size(0) == x.size(0), op, ": grad_out has batch ", grad_out.size(0),
               " but x has batch ", x.size(0));
+  check_devices(op, at::kCPU, {{"grad_out", &grad_out}, {"x", &x}, {"crow", &crow},
+                               {"col", &col}});
   check_index_pair(op, crow, col);
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out has dtype ",
               grad_out.scalar_type(), " but x has dtype ", x.scalar_type());
@@ -501,9 +522,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_cpu(
   check_linear_layout(op, values, crow, col, crow_t, col_t, perm);
   TORCH_CHECK(x.size(1) == crow_t.numel() - 1, op, ": x has ", x.size(1),
               " features but the layer has in_features = ", crow_t.numel() - 1);
-  at::Tensor xt = transpose_padded(x);
+  bool nonfinite = false;
+  at::Tensor xt = transpose_padded(x, &nonfinite);
   at::Tensor y = spmm_transposed(op, xt, x.size(0), values, crow, col, at::Tensor(),
                                  bias.value_or(at::Tensor()));
+  if (nonfinite) {  // dense math's NaN/Inf semantics (csrc/nonfinite.h); rare
+    apply_dense_nonfinite(y, x, [&](const at::Tensor& indicator) {
+      return spmm_transposed(op, transpose_padded(indicator), indicator.size(0),
+                             at::ones({col.numel()}, indicator.options()), crow, col,
+                             at::Tensor(), at::Tensor());
+    });
+  }
   return {y, xt};
 }
 
@@ -518,19 +547,39 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward_cpu(
               grad.sizes());
   TORCH_CHECK(grad.scalar_type() == values.scalar_type(), op, ": grad has dtype ",
               grad.scalar_type(), " but values have dtype ", values.scalar_type());
+  check_devices(op, at::kCPU, {{"grad", &grad}, {"xt", &xt}});
   const int64_t batch = grad.size(0);
-  at::Tensor gt = transpose_padded(grad);
+  // Every check on xt comes before anything reads it; the kernels read it through its data
+  // pointer as one dense (in_features x ld) array, so any other strides (expanded, transposed,
+  // sliced) are made contiguous first.
+  at::Tensor xt_c;
   if (values_grad) {
-    TORCH_CHECK(xt.dim() == 2 && xt.size(0) == crow_t.numel() - 1 && xt.size(1) == gt.size(1),
-                op, ": saved input must be (in_features x ld) = (", crow_t.numel() - 1, " x ",
-                gt.size(1), ") for a batch of ", batch, ", got ", xt.sizes());
+    const int64_t ld = [&] {
+      int64_t out = 0;
+      AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "torch_nerva",
+                                 [&] { out = padded_ld<scalar_t>(batch); });
+      return out;
+    }();
+    TORCH_CHECK(xt.dim() == 2 && xt.size(0) == crow_t.numel() - 1 && xt.size(1) == ld, op,
+                ": saved input must be (in_features x ld) = (", crow_t.numel() - 1, " x ", ld,
+                ") for a batch of ", batch, ", got ", xt.sizes());
     TORCH_CHECK(xt.scalar_type() == values.scalar_type(), op, ": saved input has dtype ",
                 xt.scalar_type(), " but values have dtype ", values.scalar_type());
+    xt_c = xt.contiguous();
   }
+  bool nonfinite = false;
+  at::Tensor gt = transpose_padded(grad, input_grad ? &nonfinite : nullptr);
   at::Tensor grad_x = input_grad
       ? spmm_transposed(op, gt, batch, values, crow_t, col_t, perm, at::Tensor())
       : at::empty({0}, grad.options());
-  at::Tensor grad_values = values_grad ? sddmm_transposed(op, gt, xt, crow, col)
+  if (nonfinite) {  // dense math's NaN/Inf semantics for dX = dY W (csrc/nonfinite.h); rare
+    apply_dense_nonfinite(grad_x, grad, [&](const at::Tensor& indicator) {
+      return spmm_transposed(op, transpose_padded(indicator), indicator.size(0),
+                             at::ones({col_t.numel()}, indicator.options()), crow_t, col_t,
+                             at::Tensor(), at::Tensor());
+    });
+  }
+  at::Tensor grad_values = values_grad ? sddmm_transposed(op, gt, xt_c, crow, col)
                                        : at::empty({0}, grad.options());
   return {grad_x, grad_values};
 }

@@ -94,6 +94,7 @@ at::Tensor mkl_spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at:
   const MklApi& api = mkl_api();
   TORCH_CHECK(api.missing.empty(), op, ": the MKL inside this torch build does not export ",
               api.missing, "; use backend='native'");
+  check_devices(op, at::kCPU, {{"x", &x}, {"values", &values}, {"crow", &crow}, {"col", &col}});
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D, got shape ", x.sizes());
   check_index_pair(op, crow, col);
   check_values(op, values, x, "x");

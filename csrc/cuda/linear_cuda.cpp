@@ -22,6 +22,8 @@
 #include <cusparse.h>
 #include <torch/library.h>
 
+#include "../nonfinite.h"
+
 #include <tuple>
 #include <vector>
 
@@ -240,8 +242,20 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_cuda(
                 op, ": bias must have out_features entries of x's dtype");
     check_same_device(op, x, *bias, "bias");
   }
+  check_same_device(op, x, crow_t, "crow_t");
+  check_same_device(op, x, col_t, "col_t");
+  check_same_device(op, x, perm, "perm");
   const at::Tensor xc = x.contiguous();
-  return {spmm(op, xc, values, crow, col, bias.value_or(at::Tensor())), xc};
+  at::Tensor y = spmm(op, xc, values, crow, col, bias.value_or(at::Tensor()));
+  // dense math's NaN/Inf semantics (csrc/nonfinite.h); the test costs one more host
+  // synchronisation beside check_layout's
+  if (at::isfinite(xc).logical_not().any().item<bool>()) {
+    apply_dense_nonfinite(y, xc, [&](const at::Tensor& indicator) {
+      return spmm(op, indicator, at::ones({col.numel()}, indicator.options()), crow, col,
+                  at::Tensor());
+    });
+  }
+  return {y, xc};
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_linear_backward_cuda(
@@ -254,14 +268,28 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward_cuda(
               ": grad must be (batch x out_features = ", crow.numel() - 1, "), got ",
               grad.sizes());
   const int64_t in_features = crow_t.numel() - 1;
+  check_same_device(op, grad, values, "values");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"crow", &crow},
+                                {"col", &col}, {"crow_t", &crow_t}, {"col_t", &col_t},
+                                {"perm", &perm}}) {
+    check_same_device(op, grad, *t, name);
+  }
+  if (values_grad) check_same_device(op, grad, xt, "xt");
   at::Tensor grad_x = at::empty({0}, grad.options());
   at::Tensor grad_values = at::empty({0}, grad.options());
   if (input_grad) {
     check_layout(op, crow_t, col_t, crow.numel() - 1);
     TORCH_CHECK(perm.numel() == col.numel(), op, ": perm must have nnz entries");
     const at::Tensor values_t = values.index_select(0, perm);
-    grad_x = spmm(op, grad.contiguous(), values_t, crow_t, col_t, at::Tensor());
+    const at::Tensor gc = grad.contiguous();
+    grad_x = spmm(op, gc, values_t, crow_t, col_t, at::Tensor());
     TORCH_CHECK(grad_x.size(1) == in_features, op, ": inconsistent transposed layout");
+    if (at::isfinite(gc).logical_not().any().item<bool>()) {  // as in the forward
+      apply_dense_nonfinite(grad_x, gc, [&](const at::Tensor& indicator) {
+        return spmm(op, indicator, at::ones({col_t.numel()}, indicator.options()), crow_t,
+                    col_t, at::Tensor());
+      });
+    }
   }
   if (values_grad) {
     TORCH_CHECK(xt.dim() == 2 && xt.size(0) == grad.size(0) && xt.size(1) == in_features, op,
