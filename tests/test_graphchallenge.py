@@ -40,13 +40,16 @@ def test_loaded_layer_computes_y_times_w():
 
 
 @pytest.mark.parametrize("text,message", [
-    ("1\t2\n", "expected lines of 'row col value'"),
+    ("1\t2\n", "expected 3 numbers per line"),
+    ("1\t1\t0.0625\t7\n", "expected 3 numbers per line"),  # 4 columns
+    ("1\t1\n0.0625\t2\t2\t0.0625\n", "expected 3 numbers per line"),  # 2 + 4 = 6 numbers
+    ("1\t1\t0.0625\n" + "7" * 5000 + "\n", "longer than"),
     ("1\t1025\t0.0625\n", "outside 1..1024"),
     ("0\t1\t0.0625\n", "outside 1..1024"),
     ("1\t1\t0.0625\n1\t1\t0.0625\n", "duplicate"),
     ("1.5\t1\t0.0625\n", "integers"),
-    ("nan\t1\t0.0625\n", "finite integers"),
-    ("1\tx\t0.0625\n", "not a file of numbers"),
+    ("nan\t1\t0.0625\n", "must be integers"),
+    ("1\tx\t0.0625\n", "expected 3 numbers per line"),
 ])
 def test_bad_weight_files_are_refused(tmp_path, text, message):
     path = tmp_path / "w.tsv"

@@ -31,7 +31,7 @@ from .modules import MaskedLinear, SparseLinear  # noqa: E402
 from .convert import densify, sparsify, to_masked, to_sparse  # noqa: E402
 from .init import layer_densities  # noqa: E402
 from . import interchange  # noqa: E402
-from .interchange import summary  # noqa: E402
+from .interchange import load_state_dict, summary  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -48,4 +48,5 @@ __all__ = [
     "backends",
     "interchange",
     "summary",
+    "load_state_dict",
 ]

@@ -256,7 +256,14 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
     if isinstance(layer, SparseLinear):
         old_n = layer.values.numel()
         layout = CSRLayout.from_positions(new_positions, shape, layer.col_indices.dtype)
-        layer._adopt(layout, new_values)
+        # a gradient computed before the update (backward, update, then step) moves with its
+        # connections as the optimizer state does; new connections get zero
+        old_grad = layer.values.grad
+        grad = None
+        if old_grad is not None:
+            grad = old_grad.new_zeros(nnz)
+            grad[new_of_kept.to(grad.device)] = old_grad[kept_idx.to(grad.device)]
+        layer._adopt(layout, new_values, grad=grad)
         _remap_state(optimizer, layer.values, old_n, kept_idx, new_of_kept, nnz)
     else:
         changed = torch.cat([positions[~_in(positions, new_positions)],
@@ -268,6 +275,8 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
             flat_m[new_positions.to(dev)] = True
             flat_w[positions.to(dev)] = 0
             flat_w[new_positions.to(dev)] = new_values
+            if layer.weight.grad is not None:  # as the sparse twin's: zero where it changed
+                layer.weight.grad.view(-1)[changed.to(layer.weight.grad.device)] = 0
         _remap_state(optimizer, layer.weight, 0, kept_idx, new_of_kept, 0, positions=changed)
     return {"nnz": nnz, "dropped": n_drop, "grown": int(fresh.numel())}
 

@@ -84,6 +84,21 @@ def dense_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], positions: T
     return torch.nn.functional.linear(x, w.view(out_features, in_features), bias)
 
 
+def dense_nonfinite(y: Tensor, x: Tensor, crow: Tensor, col: Tensor, n_cols: int) -> Tensor:
+    """Dense math's NaN/Inf semantics for ``y = x W^T`` computed by a sparse product that skips
+    absent weights (see csrc/nonfinite.h, the native kernels' version): ``y[b, r]`` is nan where
+    row b of x holds a non-finite entry in a column that row r of W is not connected to (0 x inf
+    = nan in dense math). Costs one isfinite pass; a count SpMM only when x is not all finite."""
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return y
+    indicator = bad.to(x.dtype)
+    pattern = csr_tensor(crow, col, torch.ones(col.numel(), dtype=x.dtype, device=x.device),
+                         (crow.shape[0] - 1, n_cols))
+    connected = (pattern @ indicator.t()).t()
+    return y.masked_fill(connected < indicator.sum(1, keepdim=True), float("nan"))
+
+
 class _TorchSparseLinear(torch.autograd.Function):
     """The ``torch`` backend: what a user would write with ``torch.sparse`` alone.
 
@@ -95,7 +110,7 @@ class _TorchSparseLinear(torch.autograd.Function):
     def forward(ctx, x, values, bias, crow, col, crow_t, col_t, perm):
         out_features, in_features = crow.shape[0] - 1, crow_t.shape[0] - 1
         w = csr_tensor(crow, col, values, (out_features, in_features))
-        y = (w @ x.t()).t()
+        y = dense_nonfinite((w @ x.t()).t(), x, crow, col, in_features)
         if bias is not None:
             y = y + bias
         ctx.save_for_backward(x, values, crow, col, crow_t, col_t, perm)
@@ -111,7 +126,7 @@ class _TorchSparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             wt = csr_tensor(crow_t, col_t, values[perm.long()],
                                          (in_features, out_features))
-            grad_x = (wt @ grad.t()).t()
+            grad_x = dense_nonfinite((wt @ grad.t()).t(), grad, crow_t, col_t, out_features)
         if ctx.needs_input_grad[1]:
             pattern = csr_tensor(crow, col, torch.zeros_like(values),
                                               (out_features, in_features))
@@ -138,6 +153,7 @@ class _MklSparseLinear(torch.autograd.Function):
             crow, col = crow.to(torch.int32), col.to(torch.int32)
         in_features = x.shape[1]
         y = _ops.mkl_spmm.default(x, values, crow, col, in_features, False)
+        y = dense_nonfinite(y, x, crow, col, in_features)
         if bias is not None:
             y = y + bias
         ctx.save_for_backward(x, values, crow, col)
@@ -152,6 +168,8 @@ class _MklSparseLinear(torch.autograd.Function):
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = _ops.mkl_spmm.default(grad, values, crow, col, x.shape[1], True)
+            crow_t, col_t, _ = _ops.csr_transpose.default(crow, col, x.shape[1])
+            grad_x = dense_nonfinite(grad_x, grad, crow_t, col_t, crow.shape[0] - 1)
         if ctx.needs_input_grad[1]:
             grad_values = _ops.csr_sddmm.default(grad, x, crow, col)
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .interchange import _read_text as _read, from_tsv
+from .interchange import _integral, from_tsv, read_columns
 from .layout import CSRLayout
 from .modules import SparseLinear
 
@@ -154,6 +154,9 @@ def infer(layers: Iterable[SparseLinear], y0: Tensor, bias: float, ymax: float =
         raise ValueError("Graph Challenge layers have no bias of their own (bias= applies to all)")
     if prune and bias > 0:
         raise ValueError("prune=True needs bias <= 0 (dead inputs could revive otherwise)")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1 (inputs per thread task), got {chunk!r}")
+    chunk = min(chunk, max(y0.shape[0], 1))
     if y0.device.type != "cpu":
         return _infer_layerwise(layers, y0, bias, ymax, prune)
     with torch.no_grad():
@@ -200,20 +203,30 @@ def reference_categories(weights: Sequence, y0: np.ndarray, bias: float,
 
 def load_categories(path: Union[str, Path]) -> np.ndarray:
     """An official ``neuronN-lL-categories.tsv`` (1-based, one per line) as 0-based indices."""
-    text = _read(path).split()
-    return np.array([int(t) - 1 for t in text], dtype=np.int64)
+    data = read_columns(path, 1)
+    ids = _integral(path, "categories", data[:, 0], 1) - 1
+    if (ids < 0).any():
+        raise ValueError(f"{path}: categories are 1-based, got {int(ids.min()) + 1}")
+    return ids
 
 
 def load_inputs(path: Union[str, Path], neurons: int, count: Optional[int] = None,
                 dtype: torch.dtype = torch.float32) -> Tensor:
     """An official ``sparse-images-N.tsv`` (1-based ``image pixel value``) as a dense
     (count x neurons) tensor; ``count`` defaults to the largest image index."""
-    data = np.array(_read(path).split(), dtype=np.float64).reshape(-1, 3)
+    def check(block, first):
+        img = _integral(path, "image indices", block[:, 0], first)
+        pix = _integral(path, "pixel indices", block[:, 1], first)
+        if (pix < 1).any() or (pix > neurons).any() or (img < 1).any() or \
+                (count is not None and (img > count).any()):
+            raise ValueError(f"{path}: an image or pixel index out of range in entries from "
+                             f"{first} (pixels 1..{neurons}, images 1..{count or 'any'})")
+
+    data = read_columns(path, 3, max_rows=None if count is None else count * neurons,
+                        check=check)
     img = data[:, 0].astype(np.int64) - 1
     pix = data[:, 1].astype(np.int64) - 1
-    count = int(img.max()) + 1 if count is None else count
-    if (pix < 0).any() or (pix >= neurons).any() or (img < 0).any() or (img >= count).any():
-        raise ValueError(f"{path}: image or pixel index out of range")
+    count = (int(img.max()) + 1 if img.size else 0) if count is None else count
     y = torch.zeros(count, neurons, dtype=dtype)
     y[torch.from_numpy(img), torch.from_numpy(pix)] = torch.from_numpy(data[:, 2]).to(dtype)
     return y

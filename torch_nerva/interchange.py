@@ -10,6 +10,8 @@
 - :func:`from_tsv` / :func:`to_tsv` (:func:`read_tsv`): 1-based ``row col value`` coordinate
   text files, plain or gzipped; ``transpose=True`` for ``Y @ W`` files such as the Graph
   Challenge's (:func:`torch_nerva.graphchallenge.load_layer` reads through it).
+- :func:`load_state_dict`: ``model.load_state_dict`` that leaves the whole model unchanged
+  when it raises.
 - :func:`summary`: per-layer and total nnz, requested vs realised density, parameter bytes and
   training / inference FLOPs per example, as rows and as a printable table.
 
@@ -18,6 +20,8 @@ The weight's orientation is ``nn.Linear``'s: (out_features x in_features).
 from __future__ import annotations
 
 import io
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -88,44 +92,110 @@ def from_scipy(matrix, bias: Optional[Tensor] = None, backend: str = "auto",
     return _layer(layout, torch.from_numpy(m.data).to(dtype), bias, backend)
 
 
-def _read_text(path: Union[str, Path]) -> bytes:
-    """A file's bytes, gunzipped when it ends in .gz."""
+#: Longest line a coordinate text file may have (a real line is a few dozen characters).
+MAX_LINE = 1 << 12
+#: Lines parsed per step: memory while reading is bounded by this plus what is returned.
+_BLOCK_LINES = 1 << 18
+
+
+def _open_text(path: Union[str, Path]):
+    """A text stream of the file, gunzipped on the fly when it ends in .gz (never read whole)."""
     path = Path(path)
     if path.suffix == ".gz":
         import gzip
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    return path.read_bytes()
+        return gzip.open(path, "rt", encoding="latin-1")
+    return open(path, "r", encoding="latin-1")
+
+
+def read_columns(path: Union[str, Path], columns: int, max_rows: Optional[int] = None,
+                 check: Optional[Any] = None) -> np.ndarray:
+    """The numbers of a text file of ``columns`` whitespace-separated numbers per line (blank
+    lines and ``#`` comments skipped) as a float64 (rows x columns) array, read as a stream in
+    blocks of lines: a line with another number of fields, a line longer than
+    :data:`MAX_LINE`, more than ``max_rows`` lines, or a block that ``check(block, first_line)``
+    rejects raises ValueError before the rest is read (``check`` gets the block and the 1-based
+    number of its first entry, counting data lines only). Memory is that of the result plus one
+    block, whatever the file's (or its decompressed) size."""
+    blocks: List[np.ndarray] = []
+    total = 0
+    with _open_text(path) as f:
+        lines_read = 0
+        reader = iter(lambda: f.readline(MAX_LINE + 1), "")
+        while True:
+            lines = []
+            for line in reader:
+                if len(line) > MAX_LINE:
+                    raise ValueError(f"{path}: line {lines_read + len(lines) + 1} is longer "
+                                     f"than {MAX_LINE} characters")
+                lines.append(line)
+                if len(lines) == _BLOCK_LINES:
+                    break
+            if not lines:
+                break
+            first = lines_read + 1
+            lines_read += len(lines)
+            first_entry = total + 1
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "input contained no data"
+                    block = np.loadtxt(lines, dtype=np.float64, ndmin=2)
+            except ValueError as e:
+                raise ValueError(f"{path}: lines {first}..{lines_read}: expected {columns} "
+                                 f"numbers per line ({e})") from None
+            if block.size == 0:
+                continue
+            if block.shape[1] != columns:
+                raise ValueError(f"{path}: lines {first}..{lines_read}: expected {columns} "
+                                 f"numbers per line, got {block.shape[1]}")
+            total += block.shape[0]
+            if max_rows is not None and total > max_rows:
+                raise ValueError(f"{path}: more than {max_rows} entries, more than the matrix "
+                                 "can hold without duplicates")
+            if check is not None:
+                check(block, first_entry)
+            blocks.append(block)
+    if not blocks:
+        return np.zeros((0, columns))
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+
+def _integral(path, what: str, column: np.ndarray, first_entry: int) -> np.ndarray:
+    finite = np.isfinite(column)
+    as_int = np.where(finite, column, 0).astype(np.int64)
+    bad = ~finite | (as_int != column)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{path}: {what} must be integers, got {column[i]!r} in entry "
+                         f"{first_entry + i} (the {first_entry + i}-th data line)")
+    return as_int
 
 
 def read_tsv(path: Union[str, Path], shape) -> Tuple[Tensor, Tensor, Tensor]:
     """``(rows, cols, values)`` (0-based int64, float64) of a coordinate text file of 1-based
     ``row<TAB>col<TAB>value`` lines (any whitespace; plain or ``.gz``), validated against the
-    file matrix ``shape``: integral indices in range, no duplicate entries."""
+    file matrix ``shape``: exactly three numbers per line, integral indices in range, no
+    duplicate entries. Read as a stream (see :func:`read_columns`): a malformed file raises
+    before it is read further, and memory stays within a small multiple of the result."""
     n_rows, n_cols = int(shape[0]), int(shape[1])
-    text = _read_text(path)
-    try:
-        data = np.array(text.split(), dtype=np.float64) if text.strip() else np.zeros(0)
-    except ValueError as e:
-        raise ValueError(f"{path}: not a file of numbers ({e})") from None
-    if data.size % 3:
-        raise ValueError(f"{path}: expected lines of 'row col value', got {data.size} numbers")
-    triples = data.reshape(-1, 3)
-    if not np.isfinite(triples[:, :2]).all():
-        raise ValueError(f"{path}: row and column indices must be finite integers")
+
+    def check(block, first):
+        rows = _integral(path, "row indices", block[:, 0], first)
+        cols = _integral(path, "column indices", block[:, 1], first)
+        bad = (rows < 1) | (rows > n_rows) | (cols < 1) | (cols > n_cols)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{path}: entry {first + i} (the {first + i}-th data line): index "
+                             f"({rows[i]}, {cols[i]}) is outside 1..{n_rows} x 1..{n_cols}")
+
+    triples = read_columns(path, 3, max_rows=n_rows * n_cols, check=check)
     rows = triples[:, 0].astype(np.int64) - 1
     cols = triples[:, 1].astype(np.int64) - 1
-    if not np.array_equal(rows + 1, triples[:, 0]) or not np.array_equal(cols + 1, triples[:, 1]):
-        raise ValueError(f"{path}: row and column indices must be integers")
-    bad = (rows < 0) | (rows >= n_rows) | (cols < 0) | (cols >= n_cols)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"{path}: line {i + 1}: index ({rows[i] + 1}, {cols[i] + 1}) is outside "
-                         f"1..{n_rows} x 1..{n_cols}")
     flat = np.sort(rows * n_cols + cols)
     if flat.size > 1 and bool((flat[1:] == flat[:-1]).any()):
-        raise ValueError(f"{path}: duplicate (row, col) entries")
-    return torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(triples[:, 2])
+        i = int(np.argmax(flat[1:] == flat[:-1]))
+        raise ValueError(f"{path}: duplicate entry ({flat[i] // n_cols + 1}, "
+                         f"{flat[i] % n_cols + 1})")
+    return torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(triples[:, 2].copy())
 
 
 def from_tsv(path: Union[str, Path], shape, *, transpose: bool = False,
@@ -138,10 +208,13 @@ def from_tsv(path: Union[str, Path], shape, *, transpose: bool = False,
     out_f, in_f = (int(shape[1]), int(shape[0])) if transpose else (int(shape[0]), int(shape[1]))
     out_idx, in_idx = (cols, rows) if transpose else (rows, cols)
     positions = out_idx * in_f + in_idx
-    order = torch.argsort(positions)
-    layout = CSRLayout.from_positions(positions[order], (out_f, in_f))
-    return SparseLinear.from_layout(layout, values[order].to(dtype), has_bias=False,
-                                    backend=backend)
+    del rows, cols, out_idx, in_idx
+    positions, order = torch.sort(positions)
+    values = values[order].to(dtype)
+    del order
+    layout = CSRLayout.from_positions(positions, (out_f, in_f))
+    del positions
+    return SparseLinear.from_layout(layout, values, has_bias=False, backend=backend)
 
 
 def to_tsv(layer: SparseLinear, path: Union[str, Path], *, transpose: bool = False) -> int:
@@ -194,36 +267,118 @@ def npz_bytes(model: nn.Module, compressed: bool = False) -> int:
     return save_npz(model, io.BytesIO(), compressed)
 
 
+class _NpzMembers:
+    """The arrays of an ``.npz`` read one at a time, each only after its header (shape, dtype)
+    passed a check: a small compressed file cannot make the reader allocate more than the
+    arrays it was asked for, whose sizes the caller bounds."""
+
+    def __init__(self, zf: zipfile.ZipFile, where) -> None:
+        self.zf, self.where = zf, where
+        self.names = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+        others = [n for n in zf.namelist() if not n.endswith(".npy")]
+        if others:
+            raise ValueError(f"{where}: not an .npz of arrays (member {others[0]!r})")
+
+    def header(self, name: str):
+        with self.zf.open(name + ".npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(f)
+        return shape, dtype
+
+    def read(self, name: str, shape, kind: str) -> np.ndarray:
+        """The array ``name``, which must have ``shape`` and a dtype of ``kind`` ("i": integer,
+        "f": floating point); checked before its data is read."""
+        got, dtype = self.header(name)
+        if dtype.hasobject or dtype.kind not in (("i", "u") if kind == "i" else ("f",)):
+            raise ValueError(f"{self.where}: {name} must be "
+                             f"{'an integer' if kind == 'i' else 'a floating-point'} array, got "
+                             f"dtype {dtype}")
+        if tuple(got) != tuple(shape):
+            raise ValueError(f"{self.where}: {name} has shape {tuple(got)}, expected "
+                             f"{tuple(shape)}")
+        with self.zf.open(name + ".npy") as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+
+
+_NPZ_FIELDS = ("values", "crow", "col", "shape", "bias")
+
+
 def load_npz(model: nn.Module, path: Union[str, Path, io.IOBase]) -> nn.Module:
     """Fill the SparseLinear layers of ``model`` from :func:`save_npz`'s file, adopting the saved
-    topologies (validated); every layer of the file must exist with the same shape."""
-    with np.load(path) as data:
-        names = sorted({k.rsplit(".", 1)[0] for k in data.files})
-        layers = _sparse_layers(model)
-        for key in names:
+    topologies. Every layer of the file must exist in the model with the same shape.
+
+    All or nothing: every array of every layer is checked first (its header before its data:
+    integer indices, floating-point values and bias, exact shapes, the layout sorted,
+    duplicate-free and in range), then the layers change; a bad file leaves the model as it
+    was. Memory is bounded by the model's own layer sizes, not by what the file claims."""
+    where = path if isinstance(path, (str, Path)) else "npz file"
+    layers = _sparse_layers(model)
+    plans = []
+    with zipfile.ZipFile(path) as zf:
+        members = _NpzMembers(zf, where)
+        keys = sorted({n.rsplit(".", 1)[0] for n in members.names})
+        for n in sorted(members.names):
+            if "." not in n or n.rsplit(".", 1)[1] not in _NPZ_FIELDS:
+                raise ValueError(f"{where}: unexpected array {n!r} (expected <layer>."
+                                 f"{{{','.join(_NPZ_FIELDS)}}})")
+        for key in keys:
             name = "" if key == "layer" and "" in layers else key
             if name not in layers:
                 raise KeyError(f"the file has layer {key!r}, the model has no SparseLinear of "
                                f"that name (it has {sorted(layers)})")
             layer = layers[name]
-            shape = tuple(int(v) for v in data[f"{key}.shape"])
-            if shape != (layer.out_features, layer.in_features):
+            missing = [f for f in ("values", "crow", "col", "shape") if f"{key}.{f}" not in
+                       members.names]
+            if missing:
+                raise ValueError(f"{where}: layer {key!r} lacks {missing}")
+            shape = tuple(int(v) for v in members.read(f"{key}.shape", (2,), "i"))
+            out_f, in_f = layer.out_features, layer.in_features
+            if shape != (out_f, in_f):
                 raise ValueError(f"layer {key!r}: the file holds shape {shape}, the model "
-                                 f"{(layer.out_features, layer.in_features)}")
-            layout = CSRLayout.from_tensors(torch.from_numpy(data[f"{key}.crow"].astype(np.int64)),
-                                            torch.from_numpy(data[f"{key}.col"].astype(np.int64)),
-                                            shape)
-            values = torch.from_numpy(data[f"{key}.values"])
-            if values.shape != (layout.nnz,):
-                raise ValueError(f"layer {key!r}: values has shape {tuple(values.shape)}, the "
-                                 f"saved layout has nnz = {layout.nnz}")
-            layer._adopt(CSRLayout.from_positions(layout.positions(), shape), values)
-            if f"{key}.bias" in data.files:
+                                 f"{(out_f, in_f)}")
+            crow = members.read(f"{key}.crow", (out_f + 1,), "i").astype(np.int64)
+            nnz = int(crow[-1])
+            if not 0 <= nnz <= out_f * in_f:
+                raise ValueError(f"layer {key!r}: crow[-1] = {nnz} is not a possible nnz for "
+                                 f"a {out_f} x {in_f} layer")
+            col = members.read(f"{key}.col", (nnz,), "i").astype(np.int64)
+            layout = CSRLayout.from_tensors(torch.from_numpy(crow), torch.from_numpy(col), shape)
+            values = torch.from_numpy(members.read(f"{key}.values", (nnz,), "f"))
+            bias = None
+            if f"{key}.bias" in members.names:
                 if layer.bias is None:
                     raise ValueError(f"layer {key!r}: the file has a bias, the layer has none")
-                with torch.no_grad():
-                    layer.bias.copy_(torch.from_numpy(data[f"{key}.bias"]))
+                bias = torch.from_numpy(members.read(f"{key}.bias", (out_f,), "f"))
+            plans.append((layer, layout, values, bias))
+    for layer, layout, values, bias in plans:  # everything checked: now change the model
+        layer._adopt(CSRLayout.from_positions(layout.positions(), layout.shape), values)
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias)
     return model
+
+
+def load_state_dict(model: nn.Module, state_dict, strict: bool = True):
+    """``model.load_state_dict(state_dict, strict)``, all or nothing for the whole model.
+
+    Every torch_nerva layer already loads all or nothing by itself (it checks its own keys
+    before changing anything), but ``nn.Module.load_state_dict`` loads module after module and
+    raises at the end, so a problem in one module leaves the modules loaded before it changed
+    (PyTorch's own behaviour, for any module). This wrapper keeps a copy of the model's state
+    (parameters, buffers, extra states and gradients; memory: one copy of the state) and puts it
+    back when the load raises, then re-raises. Returns what ``load_state_dict`` returns."""
+    backup = {k: (v.detach().clone() if isinstance(v, Tensor) else v)
+              for k, v in model.state_dict().items()}
+    grads = [(p, p.grad) for p in model.parameters()]
+    try:
+        return model.load_state_dict(state_dict, strict=strict)
+    except Exception:
+        model.load_state_dict(backup, strict=True)
+        for p, g in grads:
+            p.grad = g
+        raise
 
 
 def summary(model: nn.Module, requested: Optional[float] = None,

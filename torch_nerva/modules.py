@@ -303,7 +303,15 @@ class SparseLinear(_LinearBase):
         _bump_versions(self.values, b.get("crow_indices"), b.get("col_indices"),
                        b.get("crow_indices_t"), b.get("col_indices_t"), b.get("perm_t"),
                        b.get("dense_positions"))
-        self.values.data = values.detach().to(device=device, dtype=self.values.dtype).clone()
+        new = values.detach().to(device=device, dtype=self.values.dtype).clone()
+        if new.shape != self.values.shape:
+            # autograd caches one gradient accumulator per leaf, holding the leaf's shape; a graph
+            # still alive (e.g. last step's loss) keeps it, and the next backward would refuse
+            # a gradient of the new nnz. A .data of another dtype makes autograd drop it (only
+            # when nnz changes: DDP hooks that accumulator, and keeps working when it stays).
+            other = torch.float64 if new.dtype != torch.float64 else torch.float32
+            self.values.data = torch.empty(0, dtype=other, device=device)
+        self.values.data = new
         self.values.grad = None if grad is None else grad.to(self.values)
         self._set_layout(layout.crow.to(device), layout.col.to(device))
 
@@ -323,13 +331,19 @@ class SparseLinear(_LinearBase):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        """All or nothing for this layer: every key of its prefix is checked first (tensors,
+        """All or nothing for this layer: every tensor it would read is checked first (tensors,
         shapes, the layout sorted, duplicate-free and in range, values' length, the extra
-        state, and under ``strict`` missing and unexpected keys); on any problem the error is
-        reported and nothing of the layer changes. A partial state (``strict=False``) combines
-        the given tensors with the layer's own, validated together; a different topology is
-        adopted (values, transpose cache, dense positions rebuilt; pending graphs of the old
-        one invalidated, ``values.grad`` dropped)."""
+        state); on any problem the error is reported and nothing of the layer changes. A
+        partial state (some of values / crow_indices / col_indices) combines the given tensors
+        with the layer's own, validated together; a different topology is adopted (values,
+        transpose cache, dense positions rebuilt; pending graphs of the old one invalidated,
+        ``values.grad`` dropped).
+
+        Missing and unexpected keys are judged by ``nn.Module.load_state_dict`` after every
+        module has loaded (a module cannot see ``strict``): with ``strict=True`` it then raises
+        with this layer already loaded from the keys that were present (consistently). For a
+        load that leaves the whole model unchanged when it raises, use
+        :func:`torch_nerva.load_state_dict`."""
         plan = _plan_sparse_load(self, state_dict, prefix, strict, missing_keys,
                                  unexpected_keys, error_msgs)
         if plan is None:
@@ -358,21 +372,6 @@ def _tensor_problem(key: str, value) -> Optional[str]:
     return None
 
 
-def _strict_keys(module: nn.Module, state_dict, prefix: str, extra_state: bool
-                 ) -> Tuple[List[str], List[str]]:
-    """The missing and unexpected keys nn.Module's loader would report for this leaf module."""
-    local = [n for n, p in module._parameters.items() if p is not None]
-    local += [n for n, b in module._buffers.items()
-              if b is not None and n not in module._non_persistent_buffers_set]
-    if extra_state:
-        local.append("_extra_state")
-    missing = [prefix + n for n in local if prefix + n not in state_dict]
-    unexpected = [k for k in state_dict if k.startswith(prefix)
-                  and k[len(prefix):].split(".", 1)[0] not in local
-                  and k[len(prefix):].split(".", 1)[0] not in module._modules]
-    return missing, unexpected
-
-
 def _plan_sparse_load(layer: "SparseLinear", state_dict, prefix, strict, missing_keys,
                       unexpected_keys, error_msgs):
     """Validate everything SparseLinear's load would read; returns ``(layout or None, values)``
@@ -390,12 +389,6 @@ def _plan_sparse_load(layer: "SparseLinear", state_dict, prefix, strict, missing
                                        layer.in_features)
         if problem:
             problems.append(problem)
-    if strict:
-        missing, unexpected = _strict_keys(layer, state_dict, prefix, extra_state=True)
-        if missing or unexpected:
-            missing_keys.extend(missing)
-            unexpected_keys.extend(unexpected)
-            problems.append("")  # reported through the key lists
     layout = None
     values = given.get("values", layer.values.detach())
     if not problems:
@@ -426,7 +419,6 @@ def _plan_sparse_load(layer: "SparseLinear", state_dict, prefix, strict, missing
                                      f"{tuple(bias.shape)}")
         except (RuntimeError, ValueError, TypeError) as e:
             problems.append(str(e))
-    problems = [p for p in problems if p]
     if problems:
         error_msgs.append(f"invalid sparse state for {name} (nothing of it was loaded): "
                           + "; ".join(problems))
@@ -483,12 +475,6 @@ class MaskedLinear(_LinearBase):
                 problem = f"{key} must be floating point, got {value.dtype}"
             if problem:
                 problems.append(problem)
-        if strict:
-            missing, unexpected = _strict_keys(self, state_dict, prefix, extra_state=False)
-            if missing or unexpected:
-                missing_keys.extend(missing)
-                unexpected_keys.extend(unexpected)
-                return
         if problems:
             error_msgs.append(f"invalid masked state for {prefix[:-1] or 'MaskedLinear'} "
                               "(nothing of it was loaded): " + "; ".join(problems))

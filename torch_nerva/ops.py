@@ -142,6 +142,60 @@ def _parallel_probe_fake(n):
     return torch.empty((), dtype=torch.long)
 
 
+# Autograd of the raw products, so that they differentiate like torch.sparse.mm instead of
+# returning None with a warning. Both backward formulas call the ops themselves, so they are
+# differentiable again (double backward works for these two; sparse_linear refuses it).
+#   csr_spmm:  Y = X W^T (+ bias), W's k-th value values[perm[k]] (or values[k]):
+#              dX = dY W (csr_spmm on the transposed layout), dvalues = SDDMM(dY, X) at the
+#              nonzeros, accumulated into values[perm[k]]; dbias = sum_b dY.
+#   csr_sddmm: out[k] = sum_b G[b, row(k)] X[b, col(k)]:
+#              dG = X D^T with D the CSR of the incoming gradient (csr_spmm of X), dX = G D.
+
+def _spmm_setup(ctx, inputs, output):
+    x, values, crow, col, perm, bias = inputs
+    ctx.save_for_backward(x, values, crow, col, perm)
+    ctx.has_bias = bias is not None
+
+
+def _spmm_backward(ctx, grad):
+    x, values, crow, col, perm = ctx.saved_tensors
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        crow_t, col_t, perm_t = csr_transpose(crow, col, x.shape[1])
+        at_t = perm_t if perm is None else perm.index_select(0, perm_t.long()).to(perm_t.dtype)
+        grad_x = csr_spmm(grad, values, crow_t, col_t, at_t)
+    if ctx.needs_input_grad[1]:
+        at_k = csr_sddmm(grad, x, crow, col)
+        grad_values = at_k if perm is None else \
+            values.new_zeros(values.shape).index_add(0, perm.long(), at_k)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        grad_bias = grad.sum(0)
+    return grad_x, grad_values, None, None, None, grad_bias
+
+
+torch.library.register_autograd("torch_nerva::csr_spmm", _spmm_backward, setup_context=_spmm_setup)
+
+
+def _sddmm_setup(ctx, inputs, output):
+    grad_out, x, crow, col = inputs
+    ctx.save_for_backward(grad_out, x, crow, col)
+
+
+def _sddmm_backward(ctx, grad):
+    grad_out, x, crow, col = ctx.saved_tensors
+    d_grad_out = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_grad_out = csr_spmm(x, grad, crow, col)
+    if ctx.needs_input_grad[1]:
+        crow_t, col_t, perm_t = csr_transpose(crow, col, x.shape[1])
+        d_x = csr_spmm(grad_out, grad, crow_t, col_t, perm_t)
+    return d_grad_out, d_x, None, None
+
+
+torch.library.register_autograd("torch_nerva::csr_sddmm", _sddmm_backward,
+                                setup_context=_sddmm_setup)
+
+
 # Autograd of sparse_linear is registered in C++ (csrc/autograd.cpp): dX = dY W by the SpMM
 # kernel on the cached transpose, dvalues = SDDMM(dY, X) at W's nonzeros from the transposed
 # input saved by the forward, dbias = sum_b dY; only the gradients autograd asks for.
