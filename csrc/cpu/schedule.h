@@ -1,0 +1,69 @@
+// The parallel row schedule of the SpMM / SDDMM drivers: threads own whole output rows, split
+// so that each gets about the same number of nonzeros: no atomics, results independent of the
+// thread count. Then one error report for the malformed indices the kernels met.
+#pragma once
+
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace torch_nerva {
+namespace cpu {
+
+// Splits rows [0, n_rows) into one contiguous range per thread with about equal
+// nnz + rows each (crow[r] + r is non-decreasing for a valid layout; for a malformed one the
+// split is forced monotone so that every row is still visited, and checked, exactly once).
+// `err` receives the first malformed index found, in row order.
+template <typename I, typename F>
+void parallel_rows(const I* crow, int64_t n_rows, int64_t batch, KernelError& err,
+                   const F& body) {
+  const int64_t nnz = crow[n_rows];
+  const int64_t cost = std::max<int64_t>(nnz, 0) + n_rows;
+  const int64_t work = cost * std::max<int64_t>(batch, 1);
+  int64_t chunks = std::min<int64_t>(at::get_num_threads(), n_rows);
+  if (work < 32768 || at::in_parallel_region()) chunks = 1;
+  if (chunks <= 1) {
+    body(0, n_rows, err);
+    return;
+  }
+  std::vector<int64_t> split(chunks + 1, n_rows);
+  split[0] = 0;
+  for (int64_t t = 1; t < chunks; ++t) {
+    const int64_t target = cost * t / chunks;
+    int64_t lo = 0, hi = n_rows;  // first r with crow[r] + r >= target
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if ((int64_t)crow[mid] + mid < target) lo = mid + 1; else hi = mid;
+    }
+    split[t] = std::max(lo, split[t - 1]);
+  }
+  std::vector<KernelError> errors(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) body(split[t], split[t + 1], errors[t]);
+  });
+  for (const KernelError& e : errors) {
+    if (err.row < 0) err.row = e.row;
+    if (err.pos < 0) err.pos = e.pos;
+    if (err.perm < 0) err.perm = e.perm;
+  }
+}
+
+template <typename I>
+void raise_if_any(const char* op, const KernelError& err, const I* crow, const I* col,
+                  int64_t n_cols, const I* perm, int64_t n_values) {
+  TORCH_CHECK(err.row < 0, op, ": malformed row pointer: row ", err.row, " spans [",
+              (int64_t)crow[err.row], ", ", (int64_t)crow[err.row + 1],
+              ") which is not a non-decreasing range inside [0, nnz]");
+  TORCH_CHECK(err.pos < 0, op, ": column index out of range at position ", err.pos, ": ",
+              (int64_t)col[err.pos], " not in [0, ", n_cols, ")");
+  TORCH_CHECK(err.perm < 0, op, ": perm index out of range at position ", err.perm, ": ",
+              (perm ? (int64_t)perm[err.perm] : -1), " not in [0, ", n_values, ")");
+}
+
+}  // namespace cpu
+}  // namespace torch_nerva

@@ -1,0 +1,68 @@
+// The padded transposes (transpose.h) on the CPU, parallel over features, through the
+// per-ISA transpose kernels.
+#include "transpose.h"
+
+#include "isa.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+
+namespace torch_nerva {
+namespace cpu {
+namespace {
+
+// Features per parallel chunk of a transpose: ~64k elements, whole 16-feature tiles.
+int64_t transpose_grain(int64_t ld) {
+  return std::max<int64_t>(16, 65536 / std::max<int64_t>(ld, 1)) / 16 * 16;
+}
+
+}  // namespace
+
+at::Tensor transpose_padded(const at::Tensor& x, bool* nonfinite) {
+  const at::Tensor xc = x.contiguous();
+  const int64_t batch = xc.size(0), n = xc.size(1);
+  at::Tensor xt;
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "torch_nerva", [&] {
+    const int64_t ld = padded_ld<scalar_t>(batch);
+    xt = at::empty({n, ld}, xc.options());
+    if (n == 0 || ld == 0) return;
+    const auto table = transposes<scalar_t>();
+    const scalar_t* src = xc.data_ptr<scalar_t>();
+    if (batch == 1) {  // (1 x n) and (n x 1) share one memory order
+      xt.view({1, n}).copy_(xc);
+      if (nonfinite) *nonfinite = table.any_nonfinite(src, n);
+      return;
+    }
+    scalar_t* dst = xt.data_ptr<scalar_t>();
+    std::atomic<bool> found{false};
+    at::parallel_for(0, n, transpose_grain(ld), [&](int64_t i0, int64_t i1) {
+      if (table.transpose_pad(src, batch, n, ld, dst, i0, i1)) {
+        found.store(true, std::memory_order_relaxed);
+      }
+    });
+    if (nonfinite) *nonfinite = found.load();
+  });
+  return xt;
+}
+
+at::Tensor untranspose(const at::Tensor& yt, int64_t batch) {
+  const int64_t n = yt.size(0), ld = yt.size(1);
+  if (batch == 1) return yt.view({1, n});  // fresh tensor, same memory order
+  at::Tensor y = at::empty({batch, n}, yt.options());
+  if (n == 0 || batch == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(yt.scalar_type(), "torch_nerva", [&] {
+    const auto fn = transposes<scalar_t>().untranspose;
+    const scalar_t* src = yt.data_ptr<scalar_t>();
+    scalar_t* dst = y.data_ptr<scalar_t>();
+    at::parallel_for(0, n, transpose_grain(ld), [&](int64_t i0, int64_t i1) {
+      fn(src, batch, n, ld, dst, i0, i1);
+    });
+  });
+  return y;
+}
+
+}  // namespace cpu
+}  // namespace torch_nerva
