@@ -700,3 +700,155 @@ def test_non_monotone_row_pointer_is_reported_as_such():
     # row 0 spans [0, 3) and its columns are unsorted: the row pointer is the real problem
     with pytest.raises(RuntimeError, match="malformed row pointer"):
         CSRLayout.from_tensors(torch.tensor([0, 3, 1, 3]), torch.tensor([0, 2, 1]), (3, 4))
+
+
+# ---- properties: random partial or corrupted states load right or change nothing -------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_CORRUPTIONS = ["drop", "truncate", "extend", "to_float", "to_int", "shuffle", "out_of_range",
+                "duplicate", "scalar", "not_tensor", "other_layer"]
+
+
+def _corrupt(draw, arrays, keys, to_tensor):
+    """Apply one random corruption to one random key of ``arrays`` (a dict of tensors or numpy
+    arrays) and return what was done."""
+    key = draw(st.sampled_from(keys))
+    how = draw(st.sampled_from(_CORRUPTIONS))
+    if key not in arrays:
+        return f"{how} {key} (absent)"
+    v = arrays[key]
+    if how == "drop":
+        del arrays[key]
+        return f"drop {key}"
+    if isinstance(v, dict):  # the extra state
+        arrays[key] = None if how == "not_tensor" else {**v, "in_features": 99}
+        return f"{how} {key}"
+    if not isinstance(v, (torch.Tensor, np.ndarray)):  # already made a non-tensor
+        return f"{how} {key} (skipped)"
+    t = torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v
+    if t.dim() == 0 or t.numel() == 0:
+        return f"{how} {key} (skipped)"
+    if how == "truncate":
+        t = t[:-1]
+    elif how == "extend":
+        t = torch.cat([t, t[-1:]])
+    elif how == "to_float":
+        t = t.double() + 0.25
+    elif how == "to_int":
+        t = t.long()
+    elif how == "shuffle":
+        t = t[torch.randperm(t.numel(), generator=torch.Generator().manual_seed(
+            draw(st.integers(0, 99))))]
+    elif how == "out_of_range":
+        t = t.clone()
+        t[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from([-1, 10**6, 7]))
+    elif how == "duplicate":
+        t = t.clone()
+        if t.numel() > 1:
+            t[1] = t[0]
+    elif how == "scalar":
+        t = t[:1].reshape(())
+    elif how == "not_tensor":
+        arrays[key] = t.tolist()
+        return f"{how} {key}"
+    elif how == "other_layer":
+        others = [k for k in arrays if k != key and k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+        if not others:
+            return f"{how} {key} (skipped)"
+        t = torch.as_tensor(arrays[others[0]])
+    arrays[key] = to_tensor(t)
+    return f"{how} {key}"
+
+
+def _model(seed, d1, d2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.Sequential(tn.SparseLinear(7, 5, density=d1, generator=g),
+                               torch.nn.ReLU(),
+                               tn.SparseLinear(5, 3, density=d2, generator=g))
+
+
+def _consistent(model):
+    """Every sparse layer holds a valid layout with matching caches and computes dense math."""
+    for m in model.modules():
+        if isinstance(m, tn.SparseLinear):
+            m.layout.validate()
+            crow_t, col_t, perm = m.layout.transpose()
+            assert torch.equal(m.crow_indices_t, crow_t) and torch.equal(m.col_indices_t, col_t)
+            assert torch.equal(m.perm_t, perm) and m.values.shape == (m.nnz,)
+            for batch in (1, 6):
+                x = torch.randn(batch, m.in_features)
+                torch.testing.assert_close(m(x), F.linear(x, m.dense_weight(), m.bias))
+
+
+@settings(max_examples=120, deadline=None)
+@given(data=st.data())
+def test_random_state_dicts_load_right_or_change_nothing(data):
+    draw = data.draw
+    model = _model(draw(st.integers(0, 50)), draw(st.sampled_from([0.2, 0.5, 1.0])), 0.4)
+    src = _model(draw(st.integers(51, 99)), draw(st.sampled_from([0.0, 0.3, 0.6])),
+                 draw(st.sampled_from([0.2, 0.8])))
+    sd = {k: (v.clone() if isinstance(v, torch.Tensor) else dict(v))
+          for k, v in src.state_dict().items()}
+    if draw(st.booleans()):  # a partial state
+        sd = {k: v for k, v in sd.items() if draw(st.booleans())}
+    done = [_corrupt(draw, sd, sorted(src.state_dict()), lambda t: t)
+            for _ in range(draw(st.integers(0, 3)))]
+    strict = draw(st.booleans())
+    before = _snapshot(model)
+    try:
+        tn.load_state_dict(model, sd, strict=strict)
+    except (RuntimeError, ValueError, TypeError) as e:
+        _assert_unchanged(model, before)
+        assert str(e), done
+        return
+    _consistent(model)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_random_single_layer_loads_are_all_or_nothing(data):
+    draw = data.draw
+    layer = _model(draw(st.integers(0, 50)), 0.4, 0.4)[0]
+    src = _model(draw(st.integers(51, 99)), draw(st.sampled_from([0.0, 0.3, 0.6, 1.0])), 0.4)[0]
+    sd = {k: (v.clone() if isinstance(v, torch.Tensor) else dict(v))
+          for k, v in src.state_dict().items()}
+    done = [_corrupt(draw, sd, sorted(sd), lambda t: t) for _ in range(draw(st.integers(0, 2)))]
+    before = _snapshot(layer)
+    try:  # nn.Module's own loader, not strict: partial states are allowed
+        layer.load_state_dict(sd, strict=False)
+    except (RuntimeError, ValueError, TypeError):
+        _assert_unchanged(layer, before)
+        return
+    _consistent(torch.nn.Sequential(layer))
+    assert done is not None
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_random_npz_files_load_right_or_change_nothing(data):
+    draw = data.draw
+    model = _model(draw(st.integers(0, 50)), 0.4, 0.4)
+    src = _model(draw(st.integers(51, 99)), draw(st.sampled_from([0.0, 0.3, 0.6, 1.0])), 0.5)
+    buf = io.BytesIO()
+    interchange.save_npz(src, buf)
+    buf.seek(0)
+    with np.load(buf) as f:
+        arrays = dict(f)
+    done = [_corrupt(draw, arrays, sorted(arrays), lambda t: t.numpy())
+            for _ in range(draw(st.integers(0, 3)))]
+    out = io.BytesIO()
+    try:
+        np.savez(out, **{k: np.asarray(v) for k, v in arrays.items()})
+    except (ValueError, TypeError):
+        return  # numpy itself cannot write it
+    out.seek(0)
+    before = _snapshot(model)
+    try:
+        interchange.load_npz(model, out)
+    except (RuntimeError, ValueError, TypeError, KeyError):
+        _assert_unchanged(model, before)
+        return
+    _consistent(model)
+    assert done is not None

@@ -90,12 +90,14 @@ def dense_nonfinite(y: Tensor, x: Tensor, crow: Tensor, col: Tensor, n_cols: int
     row b of x holds a non-finite entry in a column that row r of W is not connected to (0 x inf
     = nan in dense math). Costs one isfinite pass; a count SpMM only when x is not all finite."""
     bad = ~torch.isfinite(x)
-    if not bool(bad.any()):
-        return y
+    if not torch.compiler.is_compiling() and not bool(bad.any()):
+        return y  # (a compiled graph takes no data-dependent branch: it always applies the rule)
     indicator = bad.to(x.dtype)
-    pattern = csr_tensor(crow, col, torch.ones(col.numel(), dtype=x.dtype, device=x.device),
-                         (crow.shape[0] - 1, n_cols))
-    connected = (pattern @ indicator.t()).t()
+    ones = torch.ones(col.numel(), dtype=x.dtype, device=x.device)
+    if x.is_cpu:  # the native op: traceable by torch.compile, no torch.sparse tensor
+        connected = _ops.csr_spmm.default(indicator, ones, crow, col, None, None)
+    else:
+        connected = (csr_tensor(crow, col, ones, (crow.shape[0] - 1, n_cols)) @ indicator.t()).t()
     return y.masked_fill(connected < indicator.sum(1, keepdim=True), float("nan"))
 
 
