@@ -6,7 +6,7 @@ then values, then bias), so ``SparseLinear(..., generator=g1)`` and
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -344,8 +344,7 @@ class SparseLinear(_LinearBase):
         with this layer already loaded from the keys that were present (consistently). For a
         load that leaves the whole model unchanged when it raises, use
         :func:`torch_nerva.load_state_dict`."""
-        plan = _plan_sparse_load(self, state_dict, prefix, strict, missing_keys,
-                                 unexpected_keys, error_msgs)
+        plan = _plan_sparse_load(self, state_dict, prefix, error_msgs)
         if plan is None:
             return
         layout, values = plan
@@ -372,8 +371,7 @@ def _tensor_problem(key: str, value) -> Optional[str]:
     return None
 
 
-def _plan_sparse_load(layer: "SparseLinear", state_dict, prefix, strict, missing_keys,
-                      unexpected_keys, error_msgs):
+def _plan_sparse_load(layer: "SparseLinear", state_dict, prefix, error_msgs):
     """Validate everything SparseLinear's load would read; returns ``(layout or None, values)``
     to apply, or None after recording the problems (the layer is then left untouched)."""
     name = prefix[:-1] or "SparseLinear"
