@@ -27,7 +27,7 @@ from . import ops  # noqa: E402,F401  (fake kernels and autograd)
 from . import backends  # noqa: E402
 from .functional import sparse_linear  # noqa: E402
 from .layout import CSRLayout  # noqa: E402
-from .modules import MaskedLinear, SparseLinear  # noqa: E402
+from .nn.linear import MaskedLinear, SparseLinear  # noqa: E402
 from .convert import densify, sparsify, to_masked, to_sparse  # noqa: E402
 from .init import layer_densities  # noqa: E402
 from . import interchange  # noqa: E402

@@ -13,7 +13,7 @@ from torch import nn
 
 from .init import layer_nnz
 from .layout import CSRLayout, check_density
-from .modules import MaskedLinear, SparseLinear, keep_largest
+from .nn.linear import MaskedLinear, SparseLinear, keep_largest
 
 
 def _targets(model: nn.Module, predicate) -> List[Tuple[str, nn.Module]]:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .layout import CSRLayout
-from .modules import MaskedLinear, SparseLinear
+from .nn.linear import MaskedLinear, SparseLinear
 
 Layer = Union[SparseLinear, MaskedLinear]
 DROPS = ("magnitude", "set", "threshold")

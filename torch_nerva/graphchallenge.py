@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .interchange import _integral, from_tsv, read_columns
 from .layout import CSRLayout
-from .modules import SparseLinear
+from .nn.linear import SparseLinear
 
 #: The challenge's bias per neuron count.
 BIAS = {1024: -0.30, 4096: -0.35, 16384: -0.40, 65536: -0.45}

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .layout import CSRLayout, csr_tensor
-from .modules import MaskedLinear, SparseLinear
+from .nn.linear import MaskedLinear, SparseLinear
 
 
 def to_torch_sparse(layer: SparseLinear, layout: str = "csr") -> Tensor:

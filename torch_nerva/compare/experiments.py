@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..convert import densify, sparsify, to_masked
-from ..modules import MaskedLinear, SparseLinear
+from ..nn.linear import MaskedLinear, SparseLinear
 from . import memory
 from .config import lr_for
 from .data import Dataset

@@ -1,0 +1,508 @@
+"""SparseLinear (truly sparse, CSR) and MaskedLinear (dense weight x fixed mask).
+
+Both take the same constructor and draw the same random numbers in the same order (topology,
+then values, then bias), so ``SparseLinear(..., generator=g1)`` and
+``MaskedLinear(..., generator=g2)`` with equally seeded generators hold identical weights.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import backends, functional
+from ..init import init_bias, init_values, round_half_up
+from ..layout import CSRLayout, _check_index_dtype, check_density, csr_tensor
+
+
+def _make_layout(in_features: int, out_features: int, density, mask, nnz, generator,
+                 index_dtype) -> CSRLayout:
+    given = [name for name, v in (("density", density), ("mask", mask), ("nnz", nnz))
+             if v is not None]
+    if len(given) != 1:
+        raise TypeError("give exactly one of density=, mask= or nnz= to choose the sparsity "
+                        f"pattern, got {given or 'none'}")
+    _check_index_dtype(index_dtype)
+    n_total = in_features * out_features
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != (out_features, in_features):
+            raise ValueError(f"mask must have shape (out_features, in_features) = "
+                             f"({out_features}, {in_features}), got {tuple(mask.shape)}")
+        return CSRLayout.from_mask(mask, index_dtype)
+    if density is not None:
+        nnz = round_half_up(check_density(density) * n_total)
+    if isinstance(nnz, bool) or not isinstance(nnz, int) or not 0 <= nnz <= n_total:
+        raise ValueError(f"nnz must be an int in [0, {n_total}], got {nnz!r}")
+    return CSRLayout.random(out_features, in_features, nnz, generator=generator,
+                            index_dtype=index_dtype)
+
+
+def _check_features(in_features, out_features):
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+
+
+def keep_largest(weight: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest-magnitude entries of ``weight``."""
+    flat = weight.detach().abs().flatten().cpu()
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[torch.topk(flat, k, sorted=False).indices] = True
+    return mask.view(weight.shape)
+
+
+def _dense_mask(linear: nn.Linear, density, mask) -> Tensor:
+    if density is not None and mask is not None:
+        raise TypeError("give density= or mask=, not both")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(linear.weight.shape):
+            raise ValueError(f"mask must be a tensor of shape {tuple(linear.weight.shape)}, got "
+                             f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask)}")
+        return mask
+    if density is not None:
+        return keep_largest(linear.weight, round_half_up(check_density(density) * linear.weight.numel()))
+    return linear.weight.detach() != 0
+
+
+class _LinearBase(nn.Module):
+    """What SparseLinear and MaskedLinear share: the constructor and its random stream.
+
+    Random numbers are drawn in one order (topology, then values, then bias), so the two
+    classes built with equally seeded generators hold identical weights.
+    """
+
+    __constants__ = ["in_features", "out_features"]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 density: Optional[float] = None, mask: Optional[Tensor] = None,
+                 nnz: Optional[int] = None, backend: str = "auto", device=None, dtype=None,
+                 generator: Optional[torch.Generator] = None, index_dtype=None) -> None:
+        super().__init__()
+        _check_features(in_features, out_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = backends.check(backend)
+        layout = _make_layout(in_features, out_features, density, mask, nnz, generator,
+                              index_dtype)
+        values = init_values(layout.nnz, in_features, out_features, dtype=dtype,
+                             generator=generator)
+        self._init_weight(layout, values, device)
+        if bias:
+            self.bias = nn.Parameter(init_bias(in_features, out_features, dtype=dtype,
+                                               generator=generator).to(device))
+        else:
+            self.register_parameter("bias", None)
+
+    def _init_weight(self, layout: CSRLayout, values: Tensor, device) -> None:
+        raise NotImplementedError
+
+    @property
+    def nnz(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def density(self) -> float:
+        total = self.in_features * self.out_features
+        return self.nnz / total if total else 0.0
+
+
+class _ParametrizationDict(nn.ModuleDict):
+    """``module.parametrizations`` of a sparse layer: a ModuleDict whose keys may be names
+    that ModuleDict itself defines as methods (``values``): torch.nn.utils.parametrize reads
+    and writes it by key only, and the plain ModuleDict refuses ``"values"`` with a KeyError."""
+
+    def add_module(self, name: str, module: Optional[nn.Module]) -> None:
+        if name in ("values", "keys", "items", "pop", "update", "clear"):
+            self._modules[name] = module
+            return
+        super().add_module(name, module)
+
+
+def _bump_versions(*tensors: Optional[Tensor]) -> None:
+    """Mark tensors as modified in place for autograd: a graph that saved one of them raises
+    ("modified by an inplace operation") instead of computing a gradient of a stale topology."""
+    for t in tensors:
+        if t is not None:
+            torch.autograd.graph.increment_version(t)
+
+
+class SparseLinear(_LinearBase):
+    r"""A drop-in for ``nn.Linear`` whose weight is stored in CSR form only.
+
+    ``y = x W^T + b`` with W (out_features x in_features) holding ``nnz`` nonzeros. Trainable
+    parameters are exactly ``values`` (1-D, nnz) and ``bias``; the topology lives in the buffers
+    ``crow_indices`` (out_features + 1) and ``col_indices`` (nnz), sorted by row then column, int32
+    when it fits. The transpose used by the input gradient is cached in non-persistent buffers.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        density: fraction of nonzeros in [0, 1]; nnz = floor(density x in x out + 1/2), placed
+            uniformly at random.
+        mask: a boolean (out_features x in_features) tensor giving the pattern.
+        nnz: the exact number of nonzeros (placed uniformly at random).
+        backend: ``"auto"`` (default), ``"native"``, ``"dense"`` or ``"torch"`` (see
+            :mod:`torch_nerva.backends`). ``auto`` computes small or dense-ish layers densely.
+        device, dtype: factory kwargs as in ``nn.Linear``.
+        generator: a CPU ``torch.Generator`` for the topology and the initial values.
+        index_dtype: ``torch.int32`` or ``torch.int64`` (default: int32 when it fits).
+
+    Exactly one of ``density``, ``mask`` and ``nnz`` must be given. The kept weights are
+    initialised Glorot-uniform scaled for the realised density (see :mod:`torch_nerva.init`).
+    """
+
+    def _init_weight(self, layout: CSRLayout, values: Tensor, device) -> None:
+        self.values = nn.Parameter(values.to(device))
+        self._set_layout(layout.crow.to(device), layout.col.to(device))
+
+    # -- topology ----------------------------------------------------------------------------
+    def _set_layout(self, crow: Tensor, col: Tensor) -> None:
+        """Install a (validated) topology and rebuild the cached transpose."""
+        self.register_buffer("crow_indices", crow)
+        self.register_buffer("col_indices", col)
+        crow_t, col_t, perm = CSRLayout(crow.cpu(), col.cpu(),
+                                        (self.out_features, self.in_features)).transpose()
+        device = crow.device
+        self.register_buffer("crow_indices_t", crow_t.to(device), persistent=False)
+        self.register_buffer("col_indices_t", col_t.to(device), persistent=False)
+        self.register_buffer("perm_t", perm.to(device), persistent=False)
+        # Decided once per topology: does backend="auto" compute this layer densely?
+        self._prefer_dense = backends.prefer_dense(self.in_features, self.out_features,
+                                                   col.numel())
+        self._update_positions()
+
+    def _update_positions(self) -> None:
+        """Flat positions for the dense path, kept only for layers that may take it."""
+        if self.backend == "dense" or (self.backend == "auto" and self._prefer_dense):
+            positions = self.layout.positions()
+        else:
+            positions = torch.empty(0, dtype=torch.long, device=self.crow_indices.device)
+        self.register_buffer("dense_positions", positions, persistent=False)
+
+    @property
+    def resolved_backend(self) -> str:
+        """What ``backend`` resolves to for this layer on its device."""
+        return backends.resolve(self.backend, self.values.device, self._prefer_dense)
+    @property
+    def layout(self) -> CSRLayout:
+        return CSRLayout(self.crow_indices, self.col_indices, (self.out_features, self.in_features))
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+
+    @property
+    def weight(self) -> Tensor:
+        """The weight as a ``torch.sparse_csr_tensor`` view of ``values`` (no dense copy)."""
+        return csr_tensor(self.crow_indices, self.col_indices, self.values,
+                          (self.out_features, self.in_features))
+
+    def dense_weight(self) -> Tensor:
+        """The (out_features x in_features) dense weight; differentiable w.r.t. ``values``."""
+        flat = self.values.new_zeros(self.out_features * self.in_features)
+        flat = flat.scatter(0, self.layout.positions(), self.values)
+        return flat.view(self.out_features, self.in_features)
+
+    to_dense = dense_weight
+
+    def mask(self) -> Tensor:
+        """The boolean (out_features x in_features) pattern (allocates it densely)."""
+        return self.layout.to_mask()
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, input: Tensor) -> Tensor:
+        # Read the registered tensors from the module's dicts (nn.Module.__getattr__ costs about
+        # a microsecond per name, a tenth of a batch-1 layer); a parametrized ``values`` or
+        # ``bias`` lives elsewhere and is read through getattr.
+        p, b = self._parameters, self._buffers
+        values = p["values"] if "values" in p else self.values
+        bias = p["bias"] if "bias" in p else self.bias
+        return functional.sparse_linear(input, values, bias, b["crow_indices"],
+                                        b["col_indices"], b["crow_indices_t"],
+                                        b["col_indices_t"], b["perm_t"], backend=self.backend,
+                                        dense=self._prefer_dense,
+                                        positions=b["dense_positions"])
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Re-draw the kept values and the bias (topology unchanged)."""
+        with torch.no_grad():
+            self.values.copy_(init_values(self.nnz, self.in_features, self.out_features,
+                                          dtype=self.values.dtype, generator=generator))
+            if self.bias is not None:
+                self.bias.copy_(init_bias(self.in_features, self.out_features,
+                                          dtype=self.bias.dtype, generator=generator))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, nnz={self.nnz}, density={self.density:.4g}, "
+                f"backend={self.backend}"
+                + (f"({self.resolved_backend})" if self.backend == "auto" else ""))
+
+    # -- construction from a layout or from dense ---------------------------------------------
+    @classmethod
+    def from_layout(cls, layout: CSRLayout, values: Tensor, bias: Optional[Tensor] = None, *,
+                    has_bias: Optional[bool] = None, backend: str = "auto",
+                    device=None) -> "SparseLinear":
+        """A layer over an existing (validated or self-built) ``layout``, ``values`` in its
+        order (copied) and ``bias`` (copied; ``has_bias=True`` without ``bias`` makes a zero
+        bias). dtype from ``values``; device from ``device``, else from ``values``."""
+        if not isinstance(layout, CSRLayout):
+            raise TypeError(f"layout must be a CSRLayout, got {type(layout).__name__}")
+        layout.validate()  # sorted, duplicate-free, in range: O(nnz)
+        out_f, in_f = layout.shape
+        if not isinstance(values, Tensor) or not values.is_floating_point():
+            raise TypeError(f"values must be a floating-point tensor, got "
+                            f"{getattr(values, 'dtype', type(values).__name__)}")
+        if values.shape != (layout.nnz,):
+            raise ValueError(f"values must have shape ({layout.nnz},) for this layout, got "
+                             f"{tuple(values.shape)}")
+        if bias is not None and bias.shape != (out_f,):
+            raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
+        device = values.device if device is None else torch.device(device)
+        with_bias = bias is not None if has_bias is None else has_bias
+        # Built around the given layout directly (no placeholder topology of the full shape
+        # first: for a layer of 10^9 rows that alone would be gigabytes).
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        _check_features(in_f, out_f)
+        layer.in_features, layer.out_features = in_f, out_f
+        layer.backend = backends.check(backend)
+        layer._init_weight(layout, values.detach().clone(), device)
+        if with_bias:
+            b = values.new_zeros(out_f) if bias is None else bias.detach().to(values.dtype)
+            layer.bias = nn.Parameter(b.to(device, copy=True))
+        else:
+            layer.register_parameter("bias", None)
+        return layer
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, density: Optional[float] = None,
+                   mask: Optional[Tensor] = None, backend: str = "auto",
+                   index_dtype=None) -> "SparseLinear":
+        """Keep the round(density x numel) largest-magnitude weights of ``linear`` (or those in
+        ``mask``, or, with neither, its nonzeros); values and bias are copied."""
+        w = linear.weight
+        layout = CSRLayout.from_mask(_dense_mask(linear, density, mask), index_dtype)
+        return cls.from_layout(layout, w.detach().flatten()[layout.positions().to(w.device)],
+                               linear.bias, backend=backend)
+
+    def _adopt(self, layout: CSRLayout, values: Tensor, grad: Optional[Tensor] = None) -> None:
+        """Replace topology and values (same Parameter object, new size). ``layout`` must be
+        valid. ``values.grad`` becomes ``grad`` (the caller's remapping of the old gradient to
+        the new connections) or None: the old one belongs to connections that moved.
+
+        Every tensor a pending autograd graph may have saved (values, the topology and its
+        caches) is marked modified, so a backward through a forward of the old topology raises
+        as it does for the masked twin, instead of mixing two topologies."""
+        device = self.values.device
+        b = self._buffers
+        _bump_versions(self.values, b.get("crow_indices"), b.get("col_indices"),
+                       b.get("crow_indices_t"), b.get("col_indices_t"), b.get("perm_t"),
+                       b.get("dense_positions"))
+        new = values.detach().to(device=device, dtype=self.values.dtype).clone()
+        if new.shape != self.values.shape:
+            # autograd caches one gradient accumulator per leaf, holding the leaf's shape; a graph
+            # still alive (e.g. last step's loss) keeps it, and the next backward would refuse
+            # a gradient of the new nnz. A .data of another dtype makes autograd drop it (only
+            # when nnz changes: DDP hooks that accumulator, and keeps working when it stays).
+            other = torch.float64 if new.dtype != torch.float64 else torch.float32
+            self.values.data = torch.empty(0, dtype=other, device=device)
+        self.values.data = new
+        self.values.grad = None if grad is None else grad.to(self.values)
+        self._set_layout(layout.crow.to(device), layout.col.to(device))
+
+    def __setattr__(self, name, value):
+        if name == "parametrizations" and type(value) is nn.ModuleDict and not len(value):
+            value = _ParametrizationDict()  # see _ParametrizationDict
+        super().__setattr__(name, value)
+
+    # -- state dict: carries values, indices and shape; a different topology is adopted -----
+    def get_extra_state(self):
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    def set_extra_state(self, state) -> None:
+        problem = _extra_state_problem(state, self.out_features, self.in_features)
+        if problem:
+            raise ValueError(problem)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """All or nothing for this layer: every tensor it would read is checked first (tensors,
+        shapes, the layout sorted, duplicate-free and in range, values' length, the extra
+        state); on any problem the error is reported and nothing of the layer changes. A
+        partial state (some of values / crow_indices / col_indices) combines the given tensors
+        with the layer's own, validated together; a different topology is adopted (values,
+        transpose cache, dense positions rebuilt; pending graphs of the old one invalidated,
+        ``values.grad`` dropped).
+
+        Missing and unexpected keys are judged by ``nn.Module.load_state_dict`` after every
+        module has loaded (a module cannot see ``strict``): with ``strict=True`` it then raises
+        with this layer already loaded from the keys that were present (consistently). For a
+        load that leaves the whole model unchanged when it raises, use
+        :func:`torch_nerva.load_state_dict`."""
+        plan = _plan_sparse_load(self, state_dict, prefix, error_msgs)
+        if plan is None:
+            return
+        layout, values = plan
+        if layout is not None:
+            self._adopt(layout, values)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+def _extra_state_problem(state, out_features: int, in_features: int) -> Optional[str]:
+    if not isinstance(state, dict):
+        return (f"the saved _extra_state must be a dict with in_features and out_features, got "
+                f"{type(state).__name__}")
+    shape = (state.get("out_features"), state.get("in_features"))
+    if shape != (out_features, in_features):
+        return (f"the saved layer has shape (out, in) = {shape}, this layer is "
+                f"({out_features}, {in_features})")
+    return None
+
+
+def _tensor_problem(key: str, value) -> Optional[str]:
+    if not isinstance(value, Tensor):
+        return f"{key} must be a torch.Tensor, got {type(value).__name__}"
+    return None
+
+
+def _plan_sparse_load(layer: "SparseLinear", state_dict, prefix, error_msgs):
+    """Validate everything SparseLinear's load would read; returns ``(layout or None, values)``
+    to apply, or None after recording the problems (the layer is then left untouched)."""
+    name = prefix[:-1] or "SparseLinear"
+    problems: List[str] = []
+    given = {k: state_dict[prefix + k] for k in ("values", "crow_indices", "col_indices", "bias")
+             if prefix + k in state_dict}
+    for k, v in given.items():
+        problem = _tensor_problem(prefix + k, v)
+        if problem:
+            problems.append(problem)
+    if prefix + "_extra_state" in state_dict:
+        problem = _extra_state_problem(state_dict[prefix + "_extra_state"], layer.out_features,
+                                       layer.in_features)
+        if problem:
+            problems.append(problem)
+    layout = None
+    values = given.get("values", layer.values.detach())
+    if not problems:
+        crow = given.get("crow_indices", layer.crow_indices)
+        col = given.get("col_indices", layer.col_indices)
+        try:
+            if not values.is_floating_point() or values.dim() != 1:
+                raise ValueError(f"values must be a 1-D floating-point tensor, got "
+                                 f"{values.dtype} of shape {tuple(values.shape)}")
+            if "crow_indices" in given or "col_indices" in given:
+                layout = CSRLayout.from_tensors(crow.detach().cpu(), col.detach().cpu(),
+                                                (layer.out_features, layer.in_features))
+                nnz = layout.nnz
+            else:
+                nnz = layer.nnz
+            if values.shape != (nnz,):
+                raise ValueError(f"values has shape {tuple(values.shape)}, the layout has "
+                                 f"nnz = {nnz}" + ("" if layout is not None else
+                                                    " (load crow_indices and col_indices with "
+                                                    "values of another length)"))
+            bias = given.get("bias")
+            if bias is not None:
+                if layer.bias is None:
+                    raise ValueError("the state has a bias, the layer has none")
+                if bias.shape != layer.bias.shape or not bias.is_floating_point():
+                    raise ValueError(f"bias must be a floating-point tensor of shape "
+                                     f"{tuple(layer.bias.shape)}, got {bias.dtype} of shape "
+                                     f"{tuple(bias.shape)}")
+        except (RuntimeError, ValueError, TypeError) as e:
+            problems.append(str(e))
+    if problems:
+        error_msgs.append(f"invalid sparse state for {name} (nothing of it was loaded): "
+                          + "; ".join(problems))
+        return None
+    if layout is not None and layout_equal(layout, layer.layout):
+        layout = None  # same topology: values are copied in place by nn.Module's loader
+    return layout, values
+
+
+def layout_equal(a: CSRLayout, b: CSRLayout) -> bool:
+    """Same shape and the same nonzeros (index dtypes may differ)."""
+    return (a.shape == b.shape and a.col.shape == b.col.shape
+            and torch.equal(a.crow.cpu().long(), b.crow.cpu().long())
+            and torch.equal(a.col.cpu().long(), b.col.cpu().long()))
+
+
+class MaskedLinear(_LinearBase):
+    """The masked baseline of sparse-training papers: ``y = x (weight * mask)^T + bias``.
+
+    Same constructor and same initial weights as :class:`SparseLinear` (given equally seeded
+    generators). The mask is a fixed boolean buffer, applied in every forward, so the weight
+    gradient is masked too. ``backend`` is accepted for signature compatibility and kept for
+    :func:`torch_nerva.to_sparse`.
+    """
+
+    def _init_weight(self, layout: CSRLayout, values: Tensor, device) -> None:
+        weight = values.new_zeros(self.out_features * self.in_features)
+        weight[layout.positions()] = values
+        self.weight = nn.Parameter(weight.view(self.out_features, self.in_features).to(device))
+        self.register_buffer("mask", layout.to_mask().to(device))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.mask.sum())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """All or nothing for this layer, as SparseLinear's: shapes and the mask (boolean, or
+        0/1 numbers) are checked before anything is copied."""
+        problems = []
+        for key, ref in (("weight", self.weight), ("mask", self.mask), ("bias", self.bias)):
+            if prefix + key not in state_dict:
+                continue
+            value = state_dict[prefix + key]
+            problem = _tensor_problem(prefix + key, value)
+            if problem is None and ref is None:
+                problem = f"the state has a {key}, the layer has none"
+            elif problem is None and value.shape != ref.shape:
+                problem = f"{key} has shape {tuple(value.shape)}, the layer {tuple(ref.shape)}"
+            elif problem is None and key == "mask" and value.dtype != torch.bool and not bool(
+                    ((value == 0) | (value == 1)).all()):
+                problem = "mask must be boolean (or hold only 0 and 1)"
+            elif problem is None and key != "mask" and not value.is_floating_point():
+                problem = f"{key} must be floating point, got {value.dtype}"
+            if problem:
+                problems.append(problem)
+        if problems:
+            error_msgs.append(f"invalid masked state for {prefix[:-1] or 'MaskedLinear'} "
+                              "(nothing of it was loaded): " + "; ".join(problems))
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+    def dense_weight(self) -> Tensor:
+        return self.weight * self.mask
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.weight * self.mask, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, nnz={self.nnz}, density={self.density:.4g}")
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, density: Optional[float] = None,
+                   mask: Optional[Tensor] = None, backend: str = "auto") -> "MaskedLinear":
+        """As :meth:`SparseLinear.from_dense`, keeping a dense weight and a mask."""
+        w = linear.weight
+        keep = _dense_mask(linear, density, mask)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, nnz=0,
+                    backend=backend, device=w.device, dtype=w.dtype)
+        keep = keep.to(device=w.device) != 0
+        with torch.no_grad():
+            layer.weight.copy_(w * keep)
+            layer.mask.copy_(keep)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
