@@ -115,7 +115,7 @@ class TorchSparseLinear(nn.Module):
     @classmethod
     def from_sparse(cls, layer: tn.SparseLinear) -> "TorchSparseLinear":
         """The same weights as the torch_nerva ``layer``."""
-        return cls(layer.crow_indices, layer.col_indices, layer.values, layer.bias,
+        return cls(layer.crow_indices, layer.col_indices, layer.flat_values(), layer.bias,
                    (layer.out_features, layer.in_features))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -158,7 +158,7 @@ def kept_weight_grad(layer: nn.Module, mask: Tensor) -> Tensor:
     """The gradient of the kept weights, in CSR (row-major) order."""
     for name in ("values", "W_val"):  # torch_nerva and torch_sparse_fn; SparseProp
         if hasattr(layer, name):
-            return getattr(layer, name).grad
+            return getattr(layer, name).grad.view(-1)
     return layer.weight.grad[mask]
 
 

@@ -54,7 +54,7 @@ def test_nnz_is_exact_and_layout_valid_after_many_updates(drop, grow):
             kw["threshold"] = 0.05
         dst.prune_and_regrow(model, drop_fraction=0.4, drop=drop, grow=grow, generator=gen, **kw)
         for layer, nnz in zip(_sparse_layers(model), before):
-            assert layer.nnz == nnz and layer.values.shape == (nnz,)
+            assert layer.nnz == nnz and layer.values.shape == (1, nnz)
             tn.CSRLayout.from_tensors(layer.crow_indices, layer.col_indices,
                                       (layer.out_features, layer.in_features))  # validates
             x = torch.randn(3, layer.in_features)
@@ -135,8 +135,8 @@ def test_optimizer_state_is_remapped_and_new_connections_start_at_zero():
     assert mom.shape == layer.values.shape
     for i, p in enumerate(new_pos.tolist()):
         j = (old_pos == p).nonzero().flatten()
-        if j.numel() and not dst._in(torch.tensor([p]), new_pos[mom == 0]).item():
-            assert mom[i] == old_mom[j[0]] and layer.values[i] == old_val[j[0]]
+        if j.numel() and not dst._in(torch.tensor([p]), new_pos[mom.view(-1) == 0]).item():
+            assert mom.view(-1)[i] == old_mom.view(-1)[j[0]] and layer.flat_values()[i] == old_val.view(-1)[j[0]]
     assert int((layer.values == 0).sum()) >= counts["grown"]
 
 

@@ -138,18 +138,18 @@ def test_spmm_feature_major_with_clamp(gen, dtype):
     for ld in (1, 5, 16, 48):
         xt = torch.randn(40, ld, dtype=dtype, generator=gen)
         bias = torch.randn(30, dtype=dtype, generator=gen)
-        got = torch.ops.torch_nerva.csr_spmm_fm(xt, layer.values.detach(), layer.crow_indices,
+        got = torch.ops.torch_nerva.csr_spmm_fm(xt, layer.flat_values().detach(), layer.crow_indices,
                                                 layer.col_indices, bias, -0.5, 0.7)
         torch.testing.assert_close(got, (w @ xt + bias[:, None]).clamp(-0.5, 0.7))
-        plain = torch.ops.torch_nerva.csr_spmm_fm(xt, layer.values.detach(),
+        plain = torch.ops.torch_nerva.csr_spmm_fm(xt, layer.flat_values().detach(),
                                                   layer.crow_indices, layer.col_indices)
         torch.testing.assert_close(plain, w @ xt)
     with pytest.raises(RuntimeError, match="multiple of"):
         torch.ops.torch_nerva.csr_spmm_fm(torch.randn(40, 20, dtype=dtype),
-                                          layer.values.detach(), layer.crow_indices,
+                                          layer.flat_values().detach(), layer.crow_indices,
                                           layer.col_indices)
     torch.library.opcheck(torch.ops.torch_nerva.csr_spmm_fm.default,
-                          (torch.randn(40, 16, dtype=dtype), layer.values.detach(),
+                          (torch.randn(40, 16, dtype=dtype), layer.flat_values().detach(),
                            layer.crow_indices, layer.col_indices, None, 0.0, 1.0))
 
 

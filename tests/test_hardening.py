@@ -27,7 +27,7 @@ def _layer(gen, n_in=12, n_out=9, density=0.3, dtype=torch.float64, **kw):
 
 
 def _buffers(layer):
-    b = layer._buffers
+    b = layer.__dict__
     return (b["crow_indices"], b["col_indices"], b["crow_indices_t"], b["col_indices_t"],
             b["perm_t"])
 
@@ -36,6 +36,10 @@ def _snapshot(module):
     """Everything a load could change, including the non-persistent caches."""
     out = {k: v.detach().clone() for k, v in module.named_parameters()}
     out.update({k: v.clone() for k, v in module.named_buffers()})
+    for name, m in module.named_modules():  # the topology and its caches are not buffers
+        for n in getattr(m, "_TOPOLOGY", ()):
+            if n in m.__dict__:
+                out[f"{name}.{n}"] = m.__dict__[n].clone()
     return out
 
 
@@ -60,7 +64,7 @@ def _assert_dense_math(layer, batches=(1, 3, 8, 40)):
         ref.backward(g)
         torch.testing.assert_close(y, ref)
         torch.testing.assert_close(x.grad, x2.grad)
-        torch.testing.assert_close(layer.values.grad, w.grad.flatten()[layer.layout.positions()])
+        torch.testing.assert_close(layer.values.grad.view(-1), w.grad.flatten()[layer.layout.positions()])
 
 
 # ---- critical: the backward op reads the saved input through its data pointer ---------------
@@ -69,12 +73,12 @@ def test_backward_with_expanded_saved_input_raises_in_a_fresh_process():
     code = textwrap.dedent("""
         import torch, torch_nerva as tn
         layer = tn.SparseLinear(64, 32, density=0.1)
-        b = layer._buffers
+        b = layer.__dict__
         grad = torch.randn(100000, 32)
         xt = torch.zeros(1, 1).expand(100000, 64)  # stride 0, the shape of a row-major input
         try:
             torch.ops.torch_nerva.sparse_linear_backward(
-                grad, xt, layer.values, b["crow_indices"], b["col_indices"],
+                grad, xt, layer.flat_values(), b["crow_indices"], b["col_indices"],
                 b["crow_indices_t"], b["col_indices_t"], b["perm_t"], True, True)
         except RuntimeError as e:
             print("raised:", e)
@@ -90,14 +94,14 @@ def test_backward_reads_any_strides_of_the_saved_input_correctly(gen, batch):
     layer = _layer(gen, 40, 24, 0.2)
     x = torch.randn(batch, 40, dtype=torch.float64)
     grad = torch.randn(batch, 24, dtype=torch.float64)
-    y, xt = OPS.sparse_linear(x, layer.values, layer.bias, *_buffers(layer))
-    ref = OPS.sparse_linear_backward(grad, xt, layer.values, *_buffers(layer), True, True)
+    y, xt = OPS.sparse_linear(x, layer.flat_values(), layer.bias, *_buffers(layer))
+    ref = OPS.sparse_linear_backward(grad, xt, layer.flat_values(), *_buffers(layer), True, True)
     variants = [xt.t().contiguous().t(),                      # transposed strides
                 torch.cat([xt, xt], 1)[:, :xt.shape[1]]]        # a slice of a wider tensor
     if xt.shape[1]:
         variants.append(xt[:, :1].expand(xt.shape) if batch == 1 else xt)
     for v in variants:
-        out = OPS.sparse_linear_backward(grad, v, layer.values, *_buffers(layer), True, True)
+        out = OPS.sparse_linear_backward(grad, v, layer.flat_values(), *_buffers(layer), True, True)
         torch.testing.assert_close(out[1], ref[1], rtol=0, atol=0)
         torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0)
     expected = (grad.t() @ x).flatten()[layer.layout.positions()]
@@ -108,10 +112,10 @@ def test_backward_refuses_a_saved_input_of_the_wrong_shape_or_dtype(gen):
     layer = _layer(gen, 40, 24, 0.2)
     grad = torch.randn(20, 24, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="saved input must be"):
-        OPS.sparse_linear_backward(grad, torch.zeros(40, 20, dtype=torch.float64), layer.values,
+        OPS.sparse_linear_backward(grad, torch.zeros(40, 20, dtype=torch.float64), layer.flat_values(),
                                    *_buffers(layer), False, True)  # ld must be 24 for 20 rows
     with pytest.raises(RuntimeError, match="saved input has dtype"):
-        OPS.sparse_linear_backward(grad, torch.zeros(40, 24), layer.values, *_buffers(layer),
+        OPS.sparse_linear_backward(grad, torch.zeros(40, 24), layer.flat_values(), *_buffers(layer),
                                    False, True)
 
 
@@ -295,8 +299,8 @@ def _raw_calls(layer, meta_name):
     crow, col, crow_t, col_t, perm = _buffers(layer)
     x = torch.randn(5, layer.in_features, dtype=torch.float64)
     g = torch.randn(5, layer.out_features, dtype=torch.float64)
-    _, xt = OPS.sparse_linear(x, layer.values, layer.bias, crow, col, crow_t, col_t, perm)
-    a = dict(x=x, values=layer.values.detach(), crow=crow, col=col, g=g, xt=xt)
+    _, xt = OPS.sparse_linear(x, layer.flat_values(), layer.bias, crow, col, crow_t, col_t, perm)
+    a = dict(x=x, values=layer.flat_values().detach(), crow=crow, col=col, g=g, xt=xt)
     a[meta_name] = a[meta_name].to("meta")
     calls = {
         ("x", "values", "crow", "col"): lambda: OPS.csr_spmm(a["x"], a["values"], a["crow"],
@@ -329,10 +333,10 @@ def test_meta_chain_and_feature_major_ops_raise(gen):
     layer = _layer(gen, 16, 16, 0.3)
     y0 = torch.rand(4, 16, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="device"):
-        OPS.sparse_chain(y0, [layer.values.detach()], [layer.crow_indices.to("meta")],
+        OPS.sparse_chain(y0, [layer.flat_values().detach()], [layer.crow_indices.to("meta")],
                          [layer.col_indices], -0.3, 0.0, 32.0, 8, True)
     with pytest.raises(RuntimeError, match="device"):
-        OPS.csr_spmm_fm(y0.t().contiguous().to("meta"), layer.values.detach(),
+        OPS.csr_spmm_fm(y0.t().contiguous().to("meta"), layer.flat_values().detach(),
                         layer.crow_indices, layer.col_indices)
 
 
@@ -350,7 +354,7 @@ def test_infer_with_huge_or_bad_chunk(gen):
     expected = gc.reference_categories(layers, y0.numpy(), gc.BIAS[1024])
     for chunk in (sys.maxsize, 2**62, 40, 1):
         assert gc.infer(layers, y0, gc.BIAS[1024], chunk=chunk).tolist() == expected.tolist()
-    assert OPS.sparse_chain(y0, [m.values.detach() for m in layers],
+    assert OPS.sparse_chain(y0, [m.flat_values().detach() for m in layers],
                             [m.crow_indices for m in layers], [m.col_indices for m in layers],
                             -0.3, 0.0, 32.0, sys.maxsize, True).nonzero().flatten().tolist() \
         == expected.tolist()
@@ -497,7 +501,7 @@ def test_from_tsv_of_a_huge_sparse_layer_peaks_near_its_final_size(tmp_path):
     peak, out = _peak_rss_increase(f"""
         layer = torch_nerva.interchange.from_tsv({str(path)!r}, ({n}, {n}))
         final = sum(t.numel() * t.element_size() for t in list(layer.parameters())
-                    + list(layer.buffers()))
+                    + list(layer.buffers()) + layer.topology_tensors())
         print("FINAL_MB", final / 1e6)
     """)
     final = float(out.split("FINAL_MB")[1].split()[0])
@@ -537,7 +541,7 @@ def test_nonfinite_inputs_follow_dense_math(gen, isa, backend_name, batch, dtype
     ref.backward(g)
     _same_ieee(y, ref)
     _same_ieee(x1.grad, x2.grad)
-    _same_ieee(layer.values.grad, w.grad.flatten()[layer.layout.positions()])
+    _same_ieee(layer.values.grad.view(-1), w.grad.flatten()[layer.layout.positions()])
     x3 = x.clone().requires_grad_(True)
     ym = masked(x3)
     ym.backward(g)
@@ -576,7 +580,7 @@ def test_update_between_backward_and_step_keeps_twins_equal(gen):
                                      generator=torch.Generator().manual_seed(step))
             kept = sparse.values.grad
             assert kept is not None and kept.shape == sparse.values.shape
-            torch.testing.assert_close(kept, masked.weight.grad.flatten()[
+            torch.testing.assert_close(kept.view(-1), masked.weight.grad.flatten()[
                 sparse.layout.positions()])
         for opt in opts:
             opt.step()
@@ -728,6 +732,8 @@ def _corrupt(draw, arrays, keys, to_tensor):
     if not isinstance(v, (torch.Tensor, np.ndarray)):  # already made a non-tensor
         return f"{how} {key} (skipped)"
     t = torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v
+    if t.dim() == 2 and t.shape[0] == 1:  # values (1, nnz): corrupted as the 1-D vector
+        t = t.reshape(-1)
     if t.dim() == 0 or t.numel() == 0:
         return f"{how} {key} (skipped)"
     if how == "truncate":
@@ -776,7 +782,7 @@ def _consistent(model):
             m.layout.validate()
             crow_t, col_t, perm = m.layout.transpose()
             assert torch.equal(m.crow_indices_t, crow_t) and torch.equal(m.col_indices_t, col_t)
-            assert torch.equal(m.perm_t, perm) and m.values.shape == (m.nnz,)
+            assert torch.equal(m.perm_t, perm) and m.values.shape == (1, m.nnz)
             for batch in (1, 6):
                 x = torch.randn(batch, m.in_features)
                 torch.testing.assert_close(m(x), F.linear(x, m.dense_weight(), m.bias))

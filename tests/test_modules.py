@@ -24,13 +24,15 @@ def test_attributes_and_repr():
     assert (layer.in_features, layer.out_features) == (300, 200)
     assert layer.nnz == 3000 and layer.density == pytest.approx(0.05)
     assert [n for n, _ in layer.named_parameters()] == ["values", "bias"]
-    assert layer.values.shape == (3000,) and layer.values.dim() == 1
+    assert layer.values.shape == (1, 3000) and layer.flat_values().shape == (3000,)
     assert layer.crow_indices.dtype == torch.int32 and layer.crow_indices.shape == (201,)
     r = repr(layer)
     for part in ("in_features=300", "out_features=200", "nnz=3000", "density=0.05", "backend=auto"):
         assert part in r
-    assert set(layer.state_dict()) == {"values", "bias", "crow_indices", "col_indices",
-                                       "_extra_state"}
+    sd = layer.state_dict()
+    assert set(sd) == {"values", "bias", "crow_indices", "col_indices"}
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    assert sd._metadata[""]["shape"] == (200, 300)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.013, 0.5, 1.0])
@@ -104,7 +106,7 @@ def test_gradients_match_masked_twin_3d(dtype, backend):
     s(xs).pow(2).sum().backward()
     m(xm).pow(2).sum().backward()
     torch.testing.assert_close(xs.grad, xm.grad, **tol(dtype))
-    torch.testing.assert_close(s.values.grad, m.weight.grad[m.mask], **tol(dtype))
+    torch.testing.assert_close(s.values.grad.view(-1), m.weight.grad[m.mask], **tol(dtype))
     torch.testing.assert_close(s.bias.grad, m.bias.grad, **tol(dtype))
     assert torch.all(m.weight.grad[~m.mask] == 0)  # the masked baseline masks gradients too
 
@@ -114,7 +116,7 @@ def test_float64_gradcheck_through_module(index_dtype):
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, v, b: tn.sparse_linear(
         x, v, b, layer.crow_indices, layer.col_indices, layer.crow_indices_t,
-        layer.col_indices_t, layer.perm_t), (x, layer.values, layer.bias))
+        layer.col_indices_t, layer.perm_t), (x, layer.flat_values().detach().requires_grad_(), layer.bias))
 
 
 def test_backends_agree(backend, dtype):
@@ -124,7 +126,7 @@ def test_backends_agree(backend, dtype):
     s(x).sum().backward()
     m(xm).sum().backward()
     torch.testing.assert_close(x.grad, xm.grad, **tol(dtype))
-    torch.testing.assert_close(s.values.grad, m.weight.grad[m.mask], **tol(dtype))
+    torch.testing.assert_close(s.values.grad.view(-1), m.weight.grad[m.mask], **tol(dtype))
 
 
 def _train(model, opt, steps, seed=0):
@@ -328,7 +330,7 @@ def test_dense_path_full_density_uses_values_as_weight(dtype):
     s(x).pow(2).sum().backward()
     m(xm).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, xm.grad, **tol(dtype))
-    torch.testing.assert_close(s.values.grad, m.weight.grad.flatten(), **tol(dtype))
+    torch.testing.assert_close(s.values.grad.view(-1), m.weight.grad.flatten(), **tol(dtype))
 
 
 def test_backend_switch_after_construction_still_correct():

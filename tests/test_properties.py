@@ -69,7 +69,7 @@ def test_layers_past_int32_positions_work():
     y = layer(x)
     col = layer.col_indices.long()
     expected = torch.zeros(70000).index_add_(
-        0, layer.layout.row_indices()[col == 69999], layer.values.detach()[col == 69999])
+        0, layer.layout.row_indices()[col == 69999], layer.flat_values().detach()[col == 69999])
     torch.testing.assert_close(y[0] - layer.bias.detach(), expected)
 
 

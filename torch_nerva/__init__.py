@@ -28,7 +28,8 @@ from . import backends  # noqa: E402
 from .functional import sparse_linear  # noqa: E402
 from .layout import CSRLayout  # noqa: E402
 from .nn.linear import MaskedLinear, SparseLinear  # noqa: E402
-from .convert import densify, sparsify, to_masked, to_sparse  # noqa: E402
+from .convert import DenseWeightsWarning, densify, sparsify, to_masked, to_sparse  # noqa: E402
+from .nn.attention import SparseMultiheadAttention  # noqa: E402
 from .init import layer_densities  # noqa: E402
 from . import interchange  # noqa: E402
 from .interchange import load_state_dict, summary  # noqa: E402
@@ -38,6 +39,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SparseLinear",
     "MaskedLinear",
+    "SparseMultiheadAttention",
+    "DenseWeightsWarning",
     "CSRLayout",
     "sparse_linear",
     "sparsify",

@@ -6,6 +6,7 @@ is deep-copied first and left untouched. A module shared by several parents stay
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -13,7 +14,14 @@ from torch import nn
 
 from .init import layer_nnz
 from .layout import CSRLayout, check_density
+from .nn.attention import SparseMultiheadAttention
 from .nn.linear import MaskedLinear, SparseLinear, keep_largest
+
+
+class DenseWeightsWarning(UserWarning):
+    """:func:`sparsify` left some weight matrices of the model dense (the warning names them
+    and gives the density realised over all weight matrices). Filter it with
+    ``warnings.filterwarnings("ignore", category=torch_nerva.DenseWeightsWarning)``."""
 
 
 def _targets(model: nn.Module, predicate) -> List[Tuple[str, nn.Module]]:
@@ -48,9 +56,68 @@ def _replace(model: nn.Module, predicate, make, inplace: bool) -> nn.Module:
 
 
 def _is_linear(name, module) -> bool:
-    # MultiheadAttention reads its out_proj's weight directly: leave that one dense.
+    # MultiheadAttention reads its out_proj's weight directly: it is converted with its
+    # attention module (as a whole), never alone.
     return (isinstance(module, nn.Linear)
             and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear))
+
+
+def _is_attention(name, module) -> bool:
+    return isinstance(module, nn.MultiheadAttention)
+
+
+def _shared_parameters(model: nn.Module) -> Dict[int, List[str]]:
+    """Every parameter registered under more than one name (tied weights): id -> names."""
+    names: Dict[int, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def _dense_shapes(module) -> List[Tuple[int, int]]:
+    if _is_attention("", module):
+        return SparseMultiheadAttention.dense_shapes(module)
+    return [(module.out_features, module.in_features)]
+
+
+def _weight_matrices(model: nn.Module):
+    """(name, module type, parameter) of the weight matrices torch_nerva did not convert:
+    parameters of two or more dimensions named ``weight`` or ``*_weight``."""
+    for mname, m in model.named_modules():
+        if isinstance(m, (SparseLinear, MaskedLinear)):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if p.dim() >= 2 and (pname == "weight" or pname.endswith("_weight")):
+                yield (f"{mname}.{pname}" if mname else pname), type(m).__name__, p
+
+
+def _report_dense(model: nn.Module, requested: float) -> None:
+    """Warn (DenseWeightsWarning) about the weight matrices left dense, with the density
+    realised over all weight matrices."""
+    seen, dense = set(), []
+    for name, kind, p in _weight_matrices(model):
+        if id(p) not in seen:
+            seen.add(id(p))
+            dense.append((name, kind, p))
+    if not dense:
+        return
+    sparse_nnz = sparse_size = 0
+    seen_layers = set()
+    for m in model.modules():
+        if isinstance(m, (SparseLinear, MaskedLinear)) and id(m) not in seen_layers:
+            seen_layers.add(id(m))
+            sparse_nnz += m.nnz
+            sparse_size += m.in_features * m.out_features
+    n_dense = sum(p.numel() for _, _, p in dense)
+    total = sparse_size + n_dense
+    listed = ", ".join(f"{n} ({k} {'x'.join(map(str, p.shape))})" for n, k, p in dense[:12])
+    more = f" and {len(dense) - 12} more" if len(dense) > 12 else ""
+    warnings.warn(
+        f"sparsify: {len(dense)} weight matrices stay dense ({n_dense:,} weights): {listed}"
+        f"{more}. Density realised over all weight matrices: "
+        f"{(sparse_nnz + n_dense) / total if total else 0.0:.4g} (requested {requested:g} for "
+        f"the converted layers). Convert them with filter_fn, or leave them dense on purpose.",
+        DenseWeightsWarning, stacklevel=3)
 
 
 def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
@@ -64,6 +131,15 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
     :mod:`torch_nerva.init`) so that the converted layers hold exactly
     ``floor(density x total + 1/2)`` nonzeros in total. ``filter_fn(name, module)`` chooses which
     linear layers to convert (default: all).
+
+    ``nn.MultiheadAttention`` modules become :class:`torch_nerva.nn.SparseMultiheadAttention`
+    (same forward semantics) whose four projections (q, k, v from the packed ``in_proj_weight``,
+    and ``out_proj``) are sparse layers in the density distribution; ``filter_fn(name, mha)``
+    includes or excludes each as a whole. A linear layer whose weight is tied to another module
+    (e.g. a GPT head sharing the embedding's weight) is left dense with a warning, so that the
+    tie holds. Every weight matrix left dense (excluded, tied, convolutions, embeddings) is
+    reported in one :class:`DenseWeightsWarning` naming them, with the density realised over
+    all weight matrices.
 
     ``init="xavier"`` (default) places each layer's nonzeros uniformly at random and draws them
     Glorot-uniform scaled for the realised density, biases as ``nn.Linear`` (sparse training
@@ -83,15 +159,42 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
     if init not in ("xavier", "magnitude"):
         raise ValueError(f"init must be 'xavier' or 'magnitude', got {init!r}")
 
+    shared = _shared_parameters(model)
+    tied: Dict[int, str] = {}
+
     def predicate(name, module):
-        return _is_linear(name, module) and (filter_fn is None or filter_fn(name, module))
+        if not (_is_linear(name, module) or _is_attention(name, module)):
+            return False
+        if filter_fn is not None and not filter_fn(name, module):
+            return False
+        ties = [n for p in module.parameters(recurse=False) if id(p) in shared
+                for n in shared[id(p)]]
+        if ties:
+            tied[id(module)] = f"{name} (its parameters are also {', '.join(ties)})"
+            return False
+        return True
 
     targets = _targets(model, predicate)
-    counts = layer_nnz([(m.out_features, m.in_features) for _, m in targets], density, distribution)
+    if tied:
+        warnings.warn("sparsify: left dense because their weights are tied to other modules "
+                      "(converting would silently untie them): " + "; ".join(tied.values()),
+                      stacklevel=2)
+    shapes = [_dense_shapes(m) for _, m in targets]
+    flat_counts = layer_nnz([s for group in shapes for s in group], density, distribution)
+    counts, at = [], 0
+    for group in shapes:
+        counts.append(flat_counts[at:at + len(group)])
+        at += len(group)
     # Layers are built in model order from the original modules, so the RNG stream is the
     # same whether or not the conversion is in place.
-    built: Dict[int, SparseLinear] = {}
-    for (_, m), k in zip(targets, counts):
+    built: Dict[int, nn.Module] = {}
+    for (_, m), ks in zip(targets, counts):
+        if _is_attention("", m):
+            built[id(m)] = SparseMultiheadAttention.from_dense(
+                m, nnz=ks, init=init, backend=backend, generator=generator,
+                index_dtype=index_dtype, device=device)
+            continue
+        k = ks[0]
         if init == "magnitude":
             layer = SparseLinear.from_dense(m, mask=keep_largest(m.weight, k), backend=backend,
                                             index_dtype=index_dtype)
@@ -104,12 +207,28 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
         built[id(m)] = layer
 
     if inplace:
-        return _replace(model, predicate, lambda name, m: built[id(m)], inplace=True)
-    # Deep copy maps modules to new objects: match them by their position in the traversal.
-    copied = copy.deepcopy(model)
-    copied_targets = _targets(copied, predicate)
-    by_copy = {id(c): built[id(o)] for (_, o), (_, c) in zip(targets, copied_targets)}
-    return _replace(copied, predicate, lambda name, m: by_copy[id(m)], inplace=True)
+        out = _replace(model, lambda n, m: id(m) in built, lambda name, m: built[id(m)],
+                       inplace=True)
+    else:
+        # Deep copy maps modules to new objects: match them by their position in the traversal.
+        copied = copy.deepcopy(model)
+        chosen = {id(m) for _, m in targets}
+        originals = [m for _, m in model.named_modules() if id(m) in chosen]
+        copies = [m for m in _traverse_like(model, copied, chosen)]
+        by_copy = {id(c): built[id(o)] for o, c in zip(originals, copies)}
+        out = _replace(copied, lambda n, m: id(m) in by_copy, lambda name, m: by_copy[id(m)],
+                       inplace=True)
+    _report_dense(out, density)
+    return out
+
+
+def _traverse_like(original: nn.Module, copied: nn.Module, chosen) -> List[nn.Module]:
+    """The modules of ``copied`` at the places where ``original`` holds a module in
+    ``chosen`` (same traversal order: a deep copy keeps the structure)."""
+    a, b = list(original.named_modules()), list(copied.named_modules())
+    if [n for n, _ in a] != [n for n, _ in b]:  # pragma: no cover - deepcopy keeps structure
+        raise RuntimeError("internal error: the deep copy has another structure")
+    return [mb for (_, ma), (_, mb) in zip(a, b) if id(ma) in chosen]
 
 
 def to_masked(model: nn.Module, *, inplace: bool = False) -> nn.Module:

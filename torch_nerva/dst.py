@@ -49,7 +49,7 @@ def _layers(model: nn.Module) -> List[Tuple[str, Layer]]:
 def _positions_values(layer: Layer) -> Tuple[Tensor, Tensor]:
     """Sorted flat positions (int64, CPU) and the values there (detached)."""
     if isinstance(layer, SparseLinear):
-        return layer.layout.positions().cpu(), layer.values.detach()
+        return layer.layout.positions().cpu(), layer.values.detach().view(-1)
     flat = layer.mask.flatten().nonzero().flatten().cpu()
     return flat, layer.weight.detach().flatten()[flat.to(layer.weight.device)]
 
@@ -172,11 +172,11 @@ def _remap_state(optimizer: Optional[torch.optim.Optimizer], param: Tensor, old_
             if t.shape == param.shape:
                 t.view(-1)[positions.to(t.device)] = 0
             continue
-        if t.shape != (old_n,):
+        if t.numel() != old_n or t.shape != param.shape[:-1] + (old_n,):
             continue
         new = t.new_zeros(new_n)
-        new[new_index.to(t.device)] = t[old_index.to(t.device)]
-        state[key] = new
+        new[new_index.to(t.device)] = t.view(-1)[old_index.to(t.device)]
+        state[key] = new.view(param.shape)
 
 
 def _broadcast(positions: Tensor) -> Tensor:
@@ -196,9 +196,11 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
                  generator: Optional[torch.Generator] = None, threshold: Optional[float] = None,
                  inputs: Optional[Tensor] = None, grad_outputs: Optional[Tensor] = None,
                  grow_init: Optional[Callable[[int], Tensor]] = None,
-                 n_drop: Optional[int] = None) -> Dict[str, int]:
+                 n_drop: Optional[int] = None, averaged: Sequence[Layer] = ()) -> Dict[str, int]:
     """Drop and regrow connections of one layer in place; returns the counts. ``n_drop``
-    overrides the number dropped (``drop_fraction`` is then ignored)."""
+    overrides the number dropped (``drop_fraction`` is then ignored). ``averaged``: this
+    layer's counterparts in averaged copies of the model (EMA, SWA), carried through the
+    update (see :func:`prune_and_regrow`)."""
     if drop not in DROPS:
         raise ValueError(f"drop must be one of {DROPS}, got {drop!r}")
     if grow not in GROWS:
@@ -215,6 +217,8 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
     size = shape[0] * shape[1]
     positions, values = _positions_values(layer)
     nnz = positions.numel()
+    for copy in averaged:  # checked before anything changes
+        _check_averaged(copy, layer, positions)
     if n_drop is None:
         n_drop = (math.floor(drop_fraction * nnz + 0.5) if drop != "threshold"
                   else int((values.abs() < threshold).sum()))
@@ -253,6 +257,8 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
     fresh = is_new.nonzero().flatten()
     if grow_init is not None and fresh.numel():
         new_values[fresh.to(values.device)] = grow_init(fresh.numel()).to(new_values)
+    for copy in averaged:
+        _carry_averaged(copy, positions, new_positions, kept_idx, new_of_kept)
     if isinstance(layer, SparseLinear):
         old_n = layer.values.numel()
         layout = CSRLayout.from_positions(new_positions, shape, layer.col_indices.dtype)
@@ -262,7 +268,7 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
         grad = None
         if old_grad is not None:
             grad = old_grad.new_zeros(nnz)
-            grad[new_of_kept.to(grad.device)] = old_grad[kept_idx.to(grad.device)]
+            grad[new_of_kept.to(grad.device)] = old_grad.view(-1)[kept_idx.to(grad.device)]
         layer._adopt(layout, new_values, grad=grad)
         _remap_state(optimizer, layer.values, old_n, kept_idx, new_of_kept, nnz)
     else:
@@ -279,6 +285,60 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
                 layer.weight.grad.view(-1)[changed.to(layer.weight.grad.device)] = 0
         _remap_state(optimizer, layer.weight, 0, kept_idx, new_of_kept, 0, positions=changed)
     return {"nnz": nnz, "dropped": n_drop, "grown": int(fresh.numel())}
+
+
+def _check_averaged(copy: Layer, layer: Layer, positions: Tensor) -> None:
+    if type(copy) is not type(layer) or (copy.out_features, copy.in_features) != (
+            layer.out_features, layer.in_features):
+        raise ValueError(f"averaged copy: a {type(copy).__name__} "
+                         f"({copy.out_features}x{copy.in_features}) stands where the model has a "
+                         f"{type(layer).__name__} ({layer.out_features}x{layer.in_features}); "
+                         "pass copies of this model (e.g. AveragedModel(model))")
+    if copy is layer:
+        raise ValueError("averaged copy: got the model's own layer, pass a separate copy")
+    mine, _ = _positions_values(copy)
+    if not torch.equal(mine, positions):
+        raise ValueError("averaged copy: a layer's topology differs from the model's before the "
+                         "update (was the copy made before an earlier update it did not "
+                         "follow?): pass every averaged copy to every update")
+
+
+def _carry_averaged(copy: Layer, positions: Tensor, new_positions: Tensor, kept_idx: Tensor,
+                    new_of_kept: Tensor) -> None:
+    """The averaged copy's values follow their connections: surviving connections keep their
+    average, new ones start at 0 (what an average of the masked dense weight holds for a
+    connection that was never there); the copy adopts the new topology."""
+    with torch.no_grad():
+        if isinstance(copy, SparseLinear):
+            old = copy.flat_values().detach()
+            new = old.new_zeros(new_positions.numel())
+            new[new_of_kept.to(old.device)] = old[kept_idx.to(old.device)]
+            layout = CSRLayout.from_positions(new_positions, (copy.out_features,
+                                                              copy.in_features),
+                                              copy.col_indices.dtype)
+            copy._adopt(layout, new)
+        else:  # a dense average holds every position already: only the mask changes
+            flat_m = copy.mask.view(-1)
+            flat_m[positions.to(flat_m.device)] = False
+            flat_m[new_positions.to(flat_m.device)] = True
+
+
+def _averaged_layers(model_layers: Sequence[Tuple[str, Layer]],
+                     averaged: Sequence[nn.Module]) -> List[List[Layer]]:
+    """Per layer of the model, its counterparts in each averaged copy (matched in order)."""
+    if isinstance(averaged, nn.Module):
+        averaged = [averaged]
+    per_layer: List[List[Layer]] = [[] for _ in model_layers]
+    for copy in averaged:
+        if not isinstance(copy, nn.Module):
+            raise TypeError(f"averaged copies must be nn.Modules, got {type(copy).__name__}")
+        theirs = _layers(copy)
+        if len(theirs) != len(model_layers):
+            raise ValueError(f"averaged copy has {len(theirs)} sparse layers, the model "
+                             f"{len(model_layers)}: pass copies of this model")
+        for i, (_, c) in enumerate(theirs):
+            per_layer[i].append(c)
+    return per_layer
 
 
 def _in(a: Tensor, sorted_b: Tensor) -> Tensor:
@@ -417,7 +477,8 @@ def prune_and_regrow(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
                      threshold: Optional[float] = None, batch=None, loss_fn=None,
                      grow_init: Optional[Callable[[int], Tensor]] = None,
                      allocation: str = "layer",
-                     momentum: Optional[GradientMomentum] = None) -> Dict[str, Dict]:
+                     momentum: Optional[GradientMomentum] = None,
+                     averaged: Sequence[nn.Module] = ()) -> Dict[str, Dict]:
     """Update every SparseLinear (and MaskedLinear) of ``model`` in place, nnz per layer kept;
     returns ``{layer name: {"nnz", "dropped", "grown"}}``.
 
@@ -433,12 +494,22 @@ def prune_and_regrow(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
     ``drop="magnitude"``) drops the ``drop_fraction`` of all connections with the smallest
     magnitudes across layers, and each layer regrows as many as it lost, so per-layer nnz stays
     constant while the drop budget goes where the weights are smallest.
+
+    ``averaged``: averaged copies of the model (``torch.optim.swa_utils.AveragedModel``, timm's
+    ``ModelEmaV2/V3``, or any module holding a copy of it; one or a list). Their sparse layers
+    (matched to the model's in order) follow the update: each surviving connection keeps its
+    average, a new connection starts at 0 (what an average of the masked dense weight holds for
+    a connection that was never there) and the copy adopts the new topology, so that the next
+    ``update_parameters`` averages every value with its own connection. A copy that did not
+    follow an earlier update is refused. Without this, an average keeps averaging array slots,
+    which after an update belong to other connections.
     """
     if allocation not in ("layer", "global"):
         raise ValueError(f"allocation must be 'layer' or 'global', got {allocation!r}")
     if allocation == "global" and drop != "magnitude":
         raise ValueError("allocation='global' ranks magnitudes across layers: use drop='magnitude'")
     layers = _layers(model)
+    copies = _averaged_layers(layers, averaged)
     budgets: Dict[int, int] = {}
     if allocation == "global" and layers:
         mags = [(_positions_values(m)[1].detach().abs().cpu().double(), i)
@@ -469,7 +540,7 @@ def prune_and_regrow(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
         counts[name] = update_layer(layer, optimizer, drop_fraction=drop_fraction, drop=drop,
                                     grow=grow, generator=generator, threshold=threshold,
                                     inputs=x, grad_outputs=dy, grow_init=grow_init,
-                                    n_drop=budgets.get(i))
+                                    n_drop=budgets.get(i), averaged=copies[i])
     return counts
 
 
@@ -486,6 +557,9 @@ class DynamicSparsity:
     ``grow="gradient"`` (RigL) needs ``loss_fn`` and the step's batch in :meth:`step`;
     ``grow="momentum"`` (Sparse Momentum) records the ``momentum_window`` training steps before
     each update with a :class:`GradientMomentum` (``momentum`` is its beta) and needs neither.
+
+    ``averaged``: averaged copies of the model (EMA / SWA) carried through every update (see
+    :func:`prune_and_regrow`); the list ``self.averaged`` may also be appended to later.
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
@@ -493,7 +567,7 @@ class DynamicSparsity:
                  update_every: int = 100, begin: int = 0, end: Optional[int] = None,
                  anneal: str = "cosine", half_life: int = 10, seed: int = 0,
                  loss_fn=None, allocation: str = "layer", momentum: float = 0.9,
-                 momentum_window: int = 10) -> None:
+                 momentum_window: int = 10, averaged: Sequence[nn.Module] = ()) -> None:
         if anneal not in ("constant", "cosine", "exponential"):
             raise ValueError(f"anneal must be constant, cosine or exponential, got {anneal!r}")
         if anneal == "cosine" and end is None:
@@ -509,6 +583,7 @@ class DynamicSparsity:
         self.update_every, self.begin, self.end = update_every, begin, end
         self.anneal, self.half_life, self.loss_fn = anneal, half_life, loss_fn
         self.allocation = allocation
+        self.averaged = [averaged] if isinstance(averaged, nn.Module) else list(averaged)
         self.generator = torch.Generator().manual_seed(seed)
         self.recorder = (GradientMomentum(model, momentum, momentum_window)
                          if grow == "momentum" else None)
@@ -573,7 +648,7 @@ class DynamicSparsity:
                                       drop_fraction=fraction, drop=self.drop,
                                       grow=self.grow, generator=self.generator, batch=batch,
                                       loss_fn=self.loss_fn, allocation=self.allocation,
-                                      momentum=self.recorder)
+                                      momentum=self.recorder, averaged=self.averaged)
             self.updates += 1
             self.history.append({"step": s, "fraction": fraction, "counts": counts})
             if self.recorder is not None:

@@ -162,7 +162,7 @@ def infer(layers: Iterable[SparseLinear], y0: Tensor, bias: float, ymax: float =
     with torch.no_grad():
         y = y0.to(layers[0].values.dtype) if layers else y0
         alive = torch.ops.torch_nerva.sparse_chain(
-            y, [m.values.detach() for m in layers], [m.crow_indices for m in layers],
+            y, [m.flat_values().detach() for m in layers], [m.crow_indices for m in layers],
             [m.col_indices for m in layers], float(bias), 0.0, float(ymax), int(chunk),
             bool(prune))
     return alive.nonzero().flatten()
@@ -190,7 +190,7 @@ def reference_categories(weights: Sequence, y0: np.ndarray, bias: float,
     for w in weights:
         if isinstance(w, SparseLinear):
             crow, col = w.crow_indices.numpy(), w.col_indices.numpy()
-            wt = sp.csr_matrix((w.values.detach().double().numpy(), col, crow),
+            wt = sp.csr_matrix((w.flat_values().detach().double().numpy(), col, crow),
                                shape=(w.out_features, w.in_features))
             w = wt.T.tocsr()
         z = (y @ w).tocsr()

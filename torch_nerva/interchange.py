@@ -37,7 +37,7 @@ def to_torch_sparse(layer: SparseLinear, layout: str = "csr") -> Tensor:
     """The weight as a ``torch.sparse_csr_tensor`` (``layout="csr"``) or a coalesced sparse
     COO tensor (``"coo"``), sharing no storage with the layer (detached copies)."""
     crow, col = layer.crow_indices.clone(), layer.col_indices.clone()
-    w = csr_tensor(crow, col, layer.values.detach().clone(), (layer.out_features,
+    w = csr_tensor(crow, col, layer.flat_values().detach().clone(), (layer.out_features,
                                                                layer.in_features))
     if layout == "csr":
         return w
@@ -72,7 +72,7 @@ def _layer(layout: CSRLayout, values: Tensor, bias: Optional[Tensor], backend: s
 def to_scipy(layer: SparseLinear):
     """The weight as a ``scipy.sparse.csr_matrix`` (out x in)."""
     import scipy.sparse as sp
-    return sp.csr_matrix((layer.values.detach().cpu().numpy().copy(),
+    return sp.csr_matrix((layer.flat_values().detach().cpu().numpy().copy(),
                           layer.col_indices.cpu().numpy().copy(),
                           layer.crow_indices.cpu().numpy().copy()),
                          shape=(layer.out_features, layer.in_features))
@@ -223,7 +223,7 @@ def to_tsv(layer: SparseLinear, path: Union[str, Path], *, transpose: bool = Fal
     written with repr precision (float64 round trip)."""
     rows = layer.layout.row_indices().cpu().numpy() + 1
     cols = layer.col_indices.cpu().numpy().astype(np.int64) + 1
-    values = layer.values.detach().cpu().double().numpy()
+    values = layer.flat_values().detach().cpu().double().numpy()
     if transpose:
         rows, cols = cols, rows
         order = np.lexsort((cols, rows))
@@ -247,7 +247,7 @@ def save_npz(model: nn.Module, path: Union[str, Path, io.IOBase], compressed: bo
     for name, layer in _sparse_layers(model).items():
         key = name or "layer"
         idx = np.int32 if layer.crow_indices.dtype == torch.int32 else np.int64
-        arrays[f"{key}.values"] = layer.values.detach().cpu().numpy()
+        arrays[f"{key}.values"] = layer.flat_values().detach().cpu().numpy()
         arrays[f"{key}.crow"] = layer.crow_indices.cpu().numpy().astype(idx)
         arrays[f"{key}.col"] = layer.col_indices.cpu().numpy().astype(idx)
         arrays[f"{key}.shape"] = np.array([layer.out_features, layer.in_features], np.int64)
@@ -385,7 +385,7 @@ def summary(model: nn.Module, requested: Optional[float] = None,
             print_table: bool = False) -> List[Dict[str, Any]]:
     """One row per linear layer (SparseLinear, MaskedLinear, nn.Linear) and a total row:
     shape, nnz, density (realised; ``requested`` is echoed in the total), parameter bytes
-    (parameters and persistent buffers of the layer) and FLOPs per example: inference 2 nnz,
+    (everything in the layer's state dict: values, indices, bias; or weight, mask, bias) and FLOPs per example: inference 2 nnz,
     training 6 nnz (forward, input gradient, weight gradient) for a sparse layer, the dense
     counts for masked and dense layers (that is what they compute)."""
     rows: List[Dict[str, Any]] = []
@@ -395,8 +395,7 @@ def summary(model: nn.Module, requested: Optional[float] = None,
         size = m.in_features * m.out_features
         nnz = m.nnz if isinstance(m, (SparseLinear, MaskedLinear)) else size
         computed = nnz if isinstance(m, SparseLinear) else size
-        state = list(m.parameters(recurse=False)) + [b for n, b in m.named_buffers(recurse=False)
-                                                     if n not in m._non_persistent_buffers_set]
+        state = [t for t in m.state_dict().values() if isinstance(t, Tensor)]
         rows.append({"layer": name or type(m).__name__, "type": type(m).__name__,
                      "shape": f"{m.out_features}x{m.in_features}", "nnz": nnz,
                      "density": nnz / size if size else 0.0,

@@ -44,8 +44,11 @@ def state_bytes(tensors: Iterable[Optional[Tensor]]) -> int:
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Parameters and buffers of ``model``."""
-    return state_bytes(list(model.parameters()) + list(model.buffers()))
+    """Parameters and buffers of ``model``, and the topology tensors of its sparse layers
+    (indices and their cached transpose, which are not buffers)."""
+    topology = [t for m in model.modules() if hasattr(m, "topology_tensors")
+                for t in m.topology_tensors()]
+    return state_bytes(list(model.parameters()) + list(model.buffers()) + topology)
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from .. import backends, functional
 from ..init import init_bias, init_values, round_half_up
-from ..layout import CSRLayout, _check_index_dtype, check_density, csr_tensor
+from ..layout import CSRLayout, _check_index_dtype, check_density
+from .weight import SparseWeight
 
 
 def _make_layout(in_features: int, out_features: int, density, mask, nnz, generator,
@@ -155,20 +156,29 @@ class SparseLinear(_LinearBase):
     """
 
     def _init_weight(self, layout: CSRLayout, values: Tensor, device) -> None:
-        self.values = nn.Parameter(values.to(device))
+        self.values = nn.Parameter(values.reshape(1, -1).to(device))
         self._set_layout(layout.crow.to(device), layout.col.to(device))
 
     # -- topology ----------------------------------------------------------------------------
+    # The topology and its caches are plain tensor attributes, not buffers: generic code that
+    # walks ``module.buffers()`` and averages or overwrites them (``AveragedModel(use_buffers=
+    # True)``, EMA utilities, DDP's per-forward buffer broadcast) must never touch integer
+    # indices. They follow ``.to()``/``.cuda()`` (``_apply``) and are saved in the state dict
+    # as copies (``_save_to_state_dict``), so an in-place update of a state dict (timm's
+    # ModelEmaV2) cannot corrupt them either.
+    _TOPOLOGY = ("crow_indices", "col_indices", "crow_indices_t", "col_indices_t", "perm_t",
+                 "dense_positions")
+
     def _set_layout(self, crow: Tensor, col: Tensor) -> None:
         """Install a (validated) topology and rebuild the cached transpose."""
-        self.register_buffer("crow_indices", crow)
-        self.register_buffer("col_indices", col)
+        self.crow_indices = crow
+        self.col_indices = col
         crow_t, col_t, perm = CSRLayout(crow.cpu(), col.cpu(),
                                         (self.out_features, self.in_features)).transpose()
         device = crow.device
-        self.register_buffer("crow_indices_t", crow_t.to(device), persistent=False)
-        self.register_buffer("col_indices_t", col_t.to(device), persistent=False)
-        self.register_buffer("perm_t", perm.to(device), persistent=False)
+        self.crow_indices_t = crow_t.to(device)
+        self.col_indices_t = col_t.to(device)
+        self.perm_t = perm.to(device)
         # Decided once per topology: does backend="auto" compute this layer densely?
         self._prefer_dense = backends.prefer_dense(self.in_features, self.out_features,
                                                    col.numel())
@@ -180,7 +190,22 @@ class SparseLinear(_LinearBase):
             positions = self.layout.positions()
         else:
             positions = torch.empty(0, dtype=torch.long, device=self.crow_indices.device)
-        self.register_buffer("dense_positions", positions, persistent=False)
+        self.dense_positions = positions
+
+    def topology_tensors(self) -> List[Tensor]:
+        """The index tensors this layer holds (CSR, its cached transpose, dense positions)."""
+        return [self.__dict__[n] for n in self._TOPOLOGY if n in self.__dict__]
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()``...: the topology only follows the device (its
+        dtype never changes, and ``to_empty`` must not replace it by uninitialised memory)."""
+        super()._apply(fn, recurse)
+        device = self.values.device
+        for name in self._TOPOLOGY:
+            t = self.__dict__.get(name)
+            if t is not None and t.device != device:
+                self.__dict__[name] = t.to(device)
+        return self
 
     @property
     def resolved_backend(self) -> str:
@@ -194,17 +219,49 @@ class SparseLinear(_LinearBase):
     def nnz(self) -> int:
         return self.values.numel()
 
+    def flat_values(self) -> Tensor:
+        """``values`` as the 1-D nnz vector in CSR order (a view; differentiable). The
+        parameter itself is (1, nnz), so that the ``ndim < 2 -> no weight decay`` rules of
+        common training code (timm, nanoGPT) decay it like a dense weight."""
+        return self.values.view(-1)
+
 
     @property
     def weight(self) -> Tensor:
-        """The weight as a ``torch.sparse_csr_tensor`` view of ``values`` (no dense copy)."""
-        return csr_tensor(self.crow_indices, self.col_indices, self.values,
-                          (self.out_features, self.in_features))
+        """The (out x in) weight for code written for ``nn.Linear``: a :class:`SparseWeight`
+        holding no data, whose linear products (``F.linear(x, layer.weight, layer.bias)``,
+        ``x @ layer.weight.T``) run this layer's sparse kernel (hooks fire, gradients reach
+        ``values``) and whose other uses see the dense weight (see
+        :mod:`torch_nerva.nn.weight`). ``layer.weight.to_sparse_csr()`` is the
+        ``torch.sparse`` CSR view of ``values``."""
+        return SparseWeight(self)
+
+    def _call_with_bias(self, x: Tensor, bias, detached: bool = False) -> Tensor:
+        """``x W^T + bias`` for :class:`SparseWeight`: through ``self(x)`` (so forward hooks
+        fire) with ``bias`` in place of the layer's own."""
+        if detached:
+            y = functional.sparse_linear(x, self.flat_values().detach(), None, self.crow_indices,
+                                         self.col_indices, self.crow_indices_t,
+                                         self.col_indices_t, self.perm_t, backend=self.backend,
+                                         dense=self._prefer_dense,
+                                         positions=self.dense_positions)
+            return y if bias is None else y + bias
+        if bias is self.bias:
+            return self(x)
+        fits = bias is None or (isinstance(bias, Tensor) and bias.shape == (self.out_features,)
+                                and bias.dtype == self.values.dtype
+                                and bias.device == self.values.device)
+        self.__dict__["_call_bias"] = bias if fits else None
+        try:
+            y = self(x)
+        finally:
+            del self.__dict__["_call_bias"]
+        return y if fits else y + bias
 
     def dense_weight(self) -> Tensor:
         """The (out_features x in_features) dense weight; differentiable w.r.t. ``values``."""
         flat = self.values.new_zeros(self.out_features * self.in_features)
-        flat = flat.scatter(0, self.layout.positions(), self.values)
+        flat = flat.scatter(0, self.layout.positions(), self.values.reshape(-1))
         return flat.view(self.out_features, self.in_features)
 
     to_dense = dense_weight
@@ -218,20 +275,21 @@ class SparseLinear(_LinearBase):
         # Read the registered tensors from the module's dicts (nn.Module.__getattr__ costs about
         # a microsecond per name, a tenth of a batch-1 layer); a parametrized ``values`` or
         # ``bias`` lives elsewhere and is read through getattr.
-        p, b = self._parameters, self._buffers
+        p, d = self._parameters, self.__dict__
         values = p["values"] if "values" in p else self.values
-        bias = p["bias"] if "bias" in p else self.bias
-        return functional.sparse_linear(input, values, bias, b["crow_indices"],
-                                        b["col_indices"], b["crow_indices_t"],
-                                        b["col_indices_t"], b["perm_t"], backend=self.backend,
+        bias = d["_call_bias"] if "_call_bias" in d else p["bias"] if "bias" in p else self.bias
+        return functional.sparse_linear(input, values.view(-1), bias, d["crow_indices"],
+                                        d["col_indices"], d["crow_indices_t"],
+                                        d["col_indices_t"], d["perm_t"], backend=self.backend,
                                         dense=self._prefer_dense,
-                                        positions=b["dense_positions"])
+                                        positions=d["dense_positions"])
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """Re-draw the kept values and the bias (topology unchanged)."""
         with torch.no_grad():
             self.values.copy_(init_values(self.nnz, self.in_features, self.out_features,
-                                          dtype=self.values.dtype, generator=generator))
+                                          dtype=self.values.dtype,
+                                          generator=generator).view(self.values.shape))
             if self.bias is not None:
                 self.bias.copy_(init_bias(self.in_features, self.out_features,
                                           dtype=self.bias.dtype, generator=generator))
@@ -257,9 +315,9 @@ class SparseLinear(_LinearBase):
         if not isinstance(values, Tensor) or not values.is_floating_point():
             raise TypeError(f"values must be a floating-point tensor, got "
                             f"{getattr(values, 'dtype', type(values).__name__)}")
-        if values.shape != (layout.nnz,):
-            raise ValueError(f"values must have shape ({layout.nnz},) for this layout, got "
-                             f"{tuple(values.shape)}")
+        if values.shape not in ((layout.nnz,), (1, layout.nnz)):
+            raise ValueError(f"values must have shape ({layout.nnz},) (or (1, {layout.nnz})) "
+                             f"for this layout, got {tuple(values.shape)}")
         if bias is not None and bias.shape != (out_f,):
             raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
         device = values.device if device is None else torch.device(device)
@@ -299,11 +357,8 @@ class SparseLinear(_LinearBase):
         caches) is marked modified, so a backward through a forward of the old topology raises
         as it does for the masked twin, instead of mixing two topologies."""
         device = self.values.device
-        b = self._buffers
-        _bump_versions(self.values, b.get("crow_indices"), b.get("col_indices"),
-                       b.get("crow_indices_t"), b.get("col_indices_t"), b.get("perm_t"),
-                       b.get("dense_positions"))
-        new = values.detach().to(device=device, dtype=self.values.dtype).clone()
+        _bump_versions(self.values, *(self.__dict__.get(n) for n in self._TOPOLOGY))
+        new = values.detach().to(device=device, dtype=self.values.dtype).reshape(1, -1).clone()
         if new.shape != self.values.shape:
             # autograd caches one gradient accumulator per leaf, holding the leaf's shape; a graph
             # still alive (e.g. last step's loss) keeps it, and the next backward would refuse
@@ -312,7 +367,7 @@ class SparseLinear(_LinearBase):
             other = torch.float64 if new.dtype != torch.float64 else torch.float32
             self.values.data = torch.empty(0, dtype=other, device=device)
         self.values.data = new
-        self.values.grad = None if grad is None else grad.to(self.values)
+        self.values.grad = None if grad is None else grad.to(self.values).view(new.shape)
         self._set_layout(layout.crow.to(device), layout.col.to(device))
 
     def __setattr__(self, name, value):
@@ -320,14 +375,18 @@ class SparseLinear(_LinearBase):
             value = _ParametrizationDict()  # see _ParametrizationDict
         super().__setattr__(name, value)
 
-    # -- state dict: carries values, indices and shape; a different topology is adopted -----
-    def get_extra_state(self):
-        return {"in_features": self.in_features, "out_features": self.out_features}
-
-    def set_extra_state(self, state) -> None:
-        problem = _extra_state_problem(state, self.out_features, self.in_features)
-        if problem:
-            raise ValueError(problem)
+    # -- state dict: values, bias, crow_indices, col_indices (every entry a tensor); the shape
+    # (out_features, in_features) goes into the state dict's metadata. A different topology is
+    # adopted on load.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # copies: code that updates a state dict in place (timm's ModelEmaV2 averages every
+        # entry) must not reach the layer's topology
+        destination[prefix + "crow_indices"] = self.crow_indices.clone()
+        destination[prefix + "col_indices"] = self.col_indices.clone()
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]]["shape"] = (self.out_features, self.in_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -344,14 +403,23 @@ class SparseLinear(_LinearBase):
         with this layer already loaded from the keys that were present (consistently). For a
         load that leaves the whole model unchanged when it raises, use
         :func:`torch_nerva.load_state_dict`."""
-        plan = _plan_sparse_load(self, state_dict, prefix, error_msgs)
+        plan = _plan_sparse_load(self, state_dict, prefix, local_metadata, error_msgs)
         if plan is None:
             return
         layout, values = plan
         if layout is not None:
             self._adopt(layout, values)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+        # nn.Module's loader copies values and bias; the topology keys are this layer's own
+        # (not buffers), so they are neither missing nor unexpected to it
+        own = {prefix + k for k in ("crow_indices", "col_indices", "_extra_state")}
+        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in own}
+        if prefix + "values" in rest:  # a checkpoint of 1-D values (nnz,)
+            rest[prefix + "values"] = rest[prefix + "values"].reshape(self.values.shape)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if strict:
+            missing_keys.extend(prefix + k for k in ("crow_indices", "col_indices")
+                                if prefix + k not in state_dict)
 
 
 def _extra_state_problem(state, out_features: int, in_features: int) -> Optional[str]:
@@ -371,7 +439,7 @@ def _tensor_problem(key: str, value) -> Optional[str]:
     return None
 
 
-def _plan_sparse_load(layer: "SparseLinear", state_dict, prefix, error_msgs):
+def _plan_sparse_load(layer: "SparseLinear", state_dict, prefix, local_metadata, error_msgs):
     """Validate everything SparseLinear's load would read; returns ``(layout or None, values)``
     to apply, or None after recording the problems (the layer is then left untouched)."""
     name = prefix[:-1] or "SparseLinear"
@@ -382,20 +450,26 @@ def _plan_sparse_load(layer: "SparseLinear", state_dict, prefix, error_msgs):
         problem = _tensor_problem(prefix + k, v)
         if problem:
             problems.append(problem)
-    if prefix + "_extra_state" in state_dict:
+    if prefix + "_extra_state" in state_dict:  # checkpoints of versions that saved the shape so
         problem = _extra_state_problem(state_dict[prefix + "_extra_state"], layer.out_features,
                                        layer.in_features)
         if problem:
             problems.append(problem)
+    shape = (local_metadata or {}).get("shape")
+    if shape is not None and tuple(shape) != (layer.out_features, layer.in_features):
+        problems.append(f"the saved layer has shape (out, in) = {tuple(shape)}, this layer is "
+                        f"({layer.out_features}, {layer.in_features})")
     layout = None
     values = given.get("values", layer.values.detach())
     if not problems:
         crow = given.get("crow_indices", layer.crow_indices)
         col = given.get("col_indices", layer.col_indices)
         try:
-            if not values.is_floating_point() or values.dim() != 1:
-                raise ValueError(f"values must be a 1-D floating-point tensor, got "
-                                 f"{values.dtype} of shape {tuple(values.shape)}")
+            if not values.is_floating_point() or not (
+                    values.dim() == 1 or (values.dim() == 2 and values.shape[0] == 1)):
+                raise ValueError(f"values must be a (1, nnz) (or 1-D) floating-point tensor, "
+                                 f"got {values.dtype} of shape {tuple(values.shape)}")
+            values = values.reshape(-1)
             if "crow_indices" in given or "col_indices" in given:
                 layout = CSRLayout.from_tensors(crow.detach().cpu(), col.detach().cpu(),
                                                 (layer.out_features, layer.in_features))
