@@ -172,6 +172,7 @@ class SparseMultiheadAttention(nn.Module):
                  index_dtype=None) -> None:
         super().__init__()
         kdim, vdim = _check_dims(embed_dim, num_heads, kdim, vdim)
+        _check_dropout(dropout)
         shapes = _shapes(embed_dim, kdim, vdim)
         if (density is None) == (nnz is None):
             raise TypeError("give exactly one of density= (for every projection) or nnz= (a "
@@ -256,6 +257,10 @@ class SparseMultiheadAttention(nn.Module):
         newly built :class:`SparseMultiheadAttention`. Either way ``bias_k``/``bias_v``,
         dropout, ``batch_first``, ``add_zero_attn`` and the training mode are taken from
         ``mha``; ``device`` moves the result (default: ``mha``'s device).
+
+        An ``mha`` built on the ``meta`` device is a shape template: ``init="xavier"`` with
+        ``nnz``/``density`` and ``device`` builds the sparse layers without ever allocating
+        the dense weights (``bias_k``/``bias_v`` are then drawn Glorot-normal).
         """
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"from_dense expects an nn.MultiheadAttention, got "
@@ -285,6 +290,16 @@ class SparseMultiheadAttention(nn.Module):
             counts = None  # keep the nonzeros
         if device is not None:
             device = torch.device(device)
+        on_meta = any(w.is_meta for w in weights)
+        if on_meta and init == "magnitude":
+            raise ValueError("init='magnitude' keeps the largest existing weights, but mha is on "
+                             "the meta device (no values); use init='xavier' with nnz= or "
+                             "density= and device=")
+        if on_meta and counts is None:
+            raise ValueError("mha is on the meta device, so its nonzeros cannot be counted: give "
+                             "nnz= or density=")
+        if on_meta and device is None:
+            raise ValueError("mha is on the meta device: give device= to place the new layers")
 
         projections = []
         for j, (w, b) in enumerate(zip(weights, biases)):
@@ -313,6 +328,10 @@ class SparseMultiheadAttention(nn.Module):
         def copy_param(p: Optional[Tensor]) -> Optional[nn.Parameter]:
             if p is None:
                 return None
+            if p.is_meta:  # a shape template: drawn as nn.MultiheadAttention draws it
+                fresh = torch.empty(p.shape, dtype=p.dtype)
+                nn.init.xavier_normal_(fresh, generator=generator)
+                return nn.Parameter(fresh.to(device))
             return nn.Parameter(p.detach().to(p.device if device is None else device,
                                               copy=True))
 
