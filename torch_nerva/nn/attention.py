@@ -152,9 +152,11 @@ class SparseMultiheadAttention(nn.Module):
         backend, generator, index_dtype: passed to each :class:`~torch_nerva.SparseLinear`.
 
     The kept projection weights are drawn as :class:`~torch_nerva.SparseLinear` draws them
-    (Glorot-uniform scaled for the realised density, see :mod:`torch_nerva.init`; at density 1
-    this is the ``xavier_uniform_`` of ``nn.MultiheadAttention``); biases are zero and
-    ``bias_k``/``bias_v`` Glorot-normal, as ``nn.MultiheadAttention`` initialises them. With a
+    (Glorot-uniform per projection, scaled for the realised density, see
+    :mod:`torch_nerva.init`; ``nn.MultiheadAttention`` draws its packed (3 embed_dim x
+    embed_dim) ``in_proj_weight`` as one matrix, a bound sqrt(2) smaller for q, k, v at density
+    1); biases are zero and ``bias_k``/``bias_v`` Glorot-normal, as ``nn.MultiheadAttention``
+    initialises them. With a
     ``generator``, the random numbers are drawn in one order: q, k, v, out (topology, then
     values, then the bias that is zeroed afterwards), then bias_k, bias_v.
     """
@@ -194,12 +196,10 @@ class SparseMultiheadAttention(nn.Module):
             projections.append(layer)
         bias_k = bias_v = None
         if add_bias_kv:
-            bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), dtype=dtype))
-            bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), dtype=dtype))
-            nn.init.xavier_normal_(bias_k, generator=generator)
-            nn.init.xavier_normal_(bias_v, generator=generator)
-            bias_k.data = bias_k.data.to(device)
-            bias_v.data = bias_v.data.to(device)
+            # drawn on the CPU (the generator's device), then placed
+            drawn = [nn.init.xavier_normal_(torch.empty((1, 1, embed_dim), dtype=dtype),
+                                            generator=generator) for _ in range(2)]
+            bias_k, bias_v = (nn.Parameter(t.to(device)) for t in drawn)
         self._setup(embed_dim, num_heads, dropout, add_zero_attn, kdim, vdim, batch_first,
                     projections, bias_k, bias_v)
 
