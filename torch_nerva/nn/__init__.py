@@ -1,5 +1,6 @@
 """Sparse layers: :class:`SparseLinear` (truly sparse, CSR) and its masked twin
 :class:`MaskedLinear` (``linear.py``); attention built on them (``attention.py``)."""
 from .linear import MaskedLinear, SparseLinear
+from .attention import SparseMultiheadAttention
 
-__all__ = ["SparseLinear", "MaskedLinear"]
+__all__ = ["SparseLinear", "MaskedLinear", "SparseMultiheadAttention"]
