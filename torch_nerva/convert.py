@@ -67,11 +67,16 @@ def _is_attention(name, module) -> bool:
 
 
 def _shared_parameters(model: nn.Module) -> Dict[int, List[str]]:
-    """Every parameter registered under more than one name (tied weights): id -> names."""
+    """Every parameter held by more than one module (tied weights): id -> names."""
     names: Dict[int, List[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return {k: v for k, v in names.items() if len(v) > 1}
+    owners: Dict[int, set] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m.named_parameters(recurse=False):
+            names.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+            owners.setdefault(id(p), set()).add(id(m))
+    # a module shared as a whole (one object under two names) is converted once and stays
+    # shared; a tie is one parameter held by different modules
+    return {k: v for k, v in names.items() if len(owners[k]) > 1}
 
 
 def _dense_shapes(module) -> List[Tuple[int, int]]:
