@@ -370,13 +370,14 @@ def test_vmap_raw_csr_spmm(batched):
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("rows", [1, 3], ids=["1row", "3rows"])  # gathers / block kernel
 @pytest.mark.parametrize("batched", ["both", "grad_out", "x"])
-def test_vmap_raw_csr_sddmm(batched):
+def test_vmap_raw_csr_sddmm(batched, rows):
     gen = torch.Generator().manual_seed(9)
     layout = CSRLayout.random(5, 6, 12, generator=gen)
     B = 4
-    g = torch.randn(B, 3, 5, generator=gen, dtype=F64)
-    x = torch.randn(B, 3, 6, generator=gen, dtype=F64)
+    g = torch.randn(B, rows, 5, generator=gen, dtype=F64)
+    x = torch.randn(B, rows, 6, generator=gen, dtype=F64)
     gd, xd = (0 if batched in ("both", "grad_out") else None), (0 if batched in ("both", "x")
                                                                  else None)
     got = vmap(lambda g, x: ops.csr_sddmm(g, x, layout.crow, layout.col), in_dims=(gd, xd))(
@@ -397,6 +398,17 @@ def test_block_diagonal_layout_is_a_valid_csr():
     assert torch.equal(big.to_mask(), w)
 
 
+def test_block_diagonal_layout_widens_indices_that_would_overflow(monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    layout = CSRLayout.random(4, 3, 5, generator=gen, index_dtype=torch.int32)
+    _, _, perm = layout.transpose()
+    monkeypatch.setattr(ops, "_INT32_MAX", 3 * 5 - 1)  # 3 copies of 5 nonzeros: "too many"
+    crow, col, perm_b = ops.block_diagonal_layout(3, layout.crow, layout.col, 3, perm)
+    assert crow.dtype == col.dtype == perm_b.dtype == torch.int64
+    CSRLayout(crow, col, (12, 9)).validate()
+    torch.testing.assert_close(perm_b, torch.cat([perm.long() + 5 * b for b in range(3)]))
+
+
 # ---- what stays as it was, and what refuses -----------------------------------------------------
 
 def test_eager_path_keeps_the_cpp_autograd():
@@ -407,7 +419,7 @@ def test_eager_path_keeps_the_cpp_autograd():
     grad(lambda v: (seen.append(functional.sparse_linear(
         torch.ones(1, 6, dtype=F64), v, None, layer.crow_indices, layer.col_indices,
         layer.crow_indices_t, layer.col_indices_t, layer.perm_t, backend="native")),
-        seen[-1].sum())[1])(layer.values.detach())
+        seen[-1].sum())[1])(layer.values.detach().reshape(-1))
     assert seen  # (the transform ran through the Python Function without error)
 
 
@@ -422,3 +434,12 @@ def test_unsupported_backends_raise_clearly(backend):
         grad(lambda p: loss_fn(functional_call(model, p, (x,)), target))(params)
     with pytest.raises(RuntimeError, match="backend='native'"):
         vmap(model)(x)
+
+
+def test_docs_recipe_runs():
+    """docs/torch_func.md's per-sample-gradient recipe, run as written (it asserts its result)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "torch_func.md").read_text()
+    block = text.split("## Per-sample gradients", 1)[1].split("```python\n", 1)[1]
+    exec(compile(block.split("\n```", 1)[0], "docs/torch_func.md", "exec"), {})

@@ -379,6 +379,9 @@ class _CsrSddmm(torch.autograd.Function):
     def vmap(info, in_dims, g, x, crow, col, crow_t, col_t, perm, blocks):
         g_d, x_d, crow_d, col_d = in_dims[:4]
         batch = info.batch_size
+        if crow_d is None and col_d is None and ops.rows_per_sample(x, x_d) == 1:
+            # (differentiable as it is: plain gathers and a product)
+            return ops.sddmm_one_row_per_sample(g, g_d, x, x_d, crow, col), 1
         crows = ops.stacked(crow, crow_d, batch) if crow_d is not None else crow
         cols = ops.stacked(col, col_d, batch) if col_d is not None else col
         crow_b, col_b, _ = ops.block_diagonal_layout(batch, crows, cols, x.shape[-1])

@@ -315,9 +315,33 @@ def _csr_spmm_vmap(info, in_dims, x, values, crow, col, perm=None, bias=None):
     return y.view(y.shape[0], batch, n_out), 1
 
 
+def rows_per_sample(t: Tensor, dim: Optional[int]) -> int:
+    """The rows of one sample of a per-sample 2-D operand vmapped at ``dim``."""
+    return t.shape[0] if dim is None else t.movedim(dim, 0).shape[1]
+
+
+def sddmm_one_row_per_sample(grad_out: Tensor, g_d: Optional[int], x: Tensor,
+                             x_d: Optional[int], crow: Tensor, col: Tensor) -> Tensor:
+    """Per-sample SDDMM when each sample is a single row (per-sample gradients in the Opacus
+    recipe): ``out[k, b] = grad_out_b[row(k)] x_b[col(k)]``, (nnz, batch), as two row gathers
+    from the feature-major operands (rows of ``batch`` contiguous numbers) and one product.
+    Measured 5-8x faster than the SDDMM kernel on the block-diagonal layout, whose dot
+    products are then one term long (docs/torch_func.md)."""
+    def feature_major(t, d):  # (features, batch) or (features, 1) when not vmapped
+        return t[0].unsqueeze(1) if d is None else t.movedim(d, 0)[:, 0].t().contiguous()
+
+    n_rows, nnz = crow.shape[0] - 1, col.shape[0]
+    row = torch.repeat_interleave(torch.arange(n_rows, device=crow.device),
+                                  (crow[1:] - crow[:-1]).long(), output_size=nnz)
+    return feature_major(grad_out, g_d).index_select(0, row) * \
+        feature_major(x, x_d).index_select(0, col.long())
+
+
 def _csr_sddmm_vmap(info, in_dims, grad_out, x, crow, col):
     g_d, x_d, crow_d, col_d = in_dims
     batch = info.batch_size
+    if crow_d is None and col_d is None and rows_per_sample(x, x_d) == 1:
+        return sddmm_one_row_per_sample(grad_out, g_d, x, x_d, crow, col), 1
     crow_b, col_b, _ = block_diagonal_layout(
         batch, stacked(crow, crow_d, batch) if crow_d is not None else crow,
         stacked(col, col_d, batch) if col_d is not None else col, x.shape[-1])
