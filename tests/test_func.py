@@ -462,3 +462,13 @@ def test_docs_recipe_runs():
     text = (Path(__file__).resolve().parents[1] / "docs" / "torch_func.md").read_text()
     block = text.split("## Per-sample gradients", 1)[1].split("```python\n", 1)[1]
     exec(compile(block.split("\n```", 1)[0], "docs/torch_func.md", "exec"), {})
+
+
+def test_bad_input_under_a_transform_raises_the_eager_error():
+    model = sparse_mlp()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    x = torch.randn(2, 5, dtype=F64)  # the model takes 7 features
+    with pytest.raises(ValueError, match=r"expected input of shape \(\*, in_features=7\)"):
+        grad(lambda p: functional_call(model, p, (x,)).sum())(params)
+    with pytest.raises(TypeError, match="does not match the layer's dtype"):
+        vmap(model)(torch.randn(2, 7))

@@ -190,9 +190,10 @@ class _MklSparseLinear(torch.autograd.Function):
 # below instead: y = x W^T + b with the SpMM op, dx = dy W with the SpMM op on the transposed
 # layout, dvalues = SDDMM(dy, x) at W's nonzeros, dbias = sum_b dy, and forward-mode
 # (jvp) rules. Each backward and jvp calls the two Functions again, so every order of
-# differentiation works. Their vmap rules fold a vmapped input into the rows of one call, or
-# use the block-diagonal layout of ops.block_diagonal_layout (per-sample value gradients as one
-# SDDMM call of B x nnz work; vmapped values or topologies: model ensembles).
+# differentiation works. Their vmap rules fold a vmapped input into the rows of one call; give
+# per-sample value gradients of one-row samples by two row gathers (B x nnz work and memory);
+# otherwise make one call on the block-diagonal layout of ops.block_diagonal_layout (samples of
+# several rows; vmapped values or topologies: model ensembles). See docs/torch_func.md.
 
 _functorch_active = torch._C._are_functorch_transforms_active
 
