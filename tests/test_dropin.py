@@ -463,3 +463,22 @@ def test_model_moves_devices_and_dtypes_with_its_topology():
     buf.seek(0)
     back = torch.load(buf, weights_only=False)
     assert torch.equal(back.col_indices, layer.col_indices)
+
+
+def test_masked_twin_read_through_weight_keeps_its_mask():
+    """Code reading MaskedLinear.weight directly skips the mask of its forward: the gradient
+    mask registered on first read keeps the weight zero outside the mask under AdamW."""
+    layer = tn.MaskedLinear(12, 7, density=0.3, generator=torch.Generator().manual_seed(0))
+    called_as_module = tn.MaskedLinear(12, 7, density=0.3)
+    called_as_module(torch.randn(2, 12)).sum().backward()
+    assert "_grad_masked" not in called_as_module.__dict__  # no hook, no cost
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        F.linear(torch.randn(4, 12), layer.weight, layer.bias).square().sum().backward()
+        opt.step()
+    assert torch.all(layer.weight.detach()[~layer.mask] == 0)
+    copied = copy.deepcopy(layer)  # the copy registers its own hook on first read
+    copied.weight.grad = None
+    F.linear(torch.randn(4, 12), copied.weight).sum().backward()
+    assert torch.all(copied.weight.grad[~copied.mask] == 0)

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import torch_nerva as tn
+from torch_nerva import dst
 from torch_nerva import interchange as ic
 
 from reference import end_process_group
@@ -232,7 +233,9 @@ def _ddp_worker(rank, world, port, result, backend="gloo"):
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model = _ddp_model().to(device)
+    model = _ddp_model(seed=rank).to(device)  # each rank draws another topology...
+    changed = dst.broadcast_topology(model)  # ...and takes rank 0's
+    assert changed == (0 if rank == 0 else 2)
     ddp = nn.parallel.DistributedDataParallel(
         model, device_ids=[rank] if device.type == "cuda" else None)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -250,9 +253,9 @@ def _ddp_worker(rank, world, port, result, backend="gloo"):
     end_process_group()
 
 
-def _ddp_model():
+def _ddp_model(seed=0):
     return tn.sparsify(nn.Sequential(nn.Linear(24, 48), nn.ReLU(), nn.Linear(48, 5)), 0.2,
-                       generator=torch.Generator().manual_seed(0))
+                       generator=torch.Generator().manual_seed(seed))
 
 
 def _ddp_batch(step):

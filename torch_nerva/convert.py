@@ -244,7 +244,7 @@ def to_masked(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         out = MaskedLinear(m.in_features, m.out_features, m.bias is not None, nnz=0,
                            backend=m.backend, device=m.values.device, dtype=m.values.dtype)
         with torch.no_grad():
-            out.weight.copy_(m.dense_weight())
+            out._weight().copy_(m.dense_weight())
             out.mask.copy_(m.mask())
             if m.bias is not None:
                 out.bias.copy_(m.bias)
@@ -261,7 +261,8 @@ def to_sparse(model: nn.Module, *, inplace: bool = False, backend: Optional[str]
 
     def make(name, m: MaskedLinear) -> SparseLinear:
         layout = CSRLayout.from_mask(m.mask, index_dtype)
-        values = m.weight.detach().flatten()[layout.positions().to(m.weight.device)]
+        w = m._weight()
+        values = w.detach().flatten()[layout.positions().to(w.device)]
         layer = SparseLinear.from_layout(layout, values, m.bias, backend=backend or m.backend)
         layer.train(m.training)
         return layer

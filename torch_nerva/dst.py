@@ -51,7 +51,8 @@ def _positions_values(layer: Layer) -> Tuple[Tensor, Tensor]:
     if isinstance(layer, SparseLinear):
         return layer.layout.positions().cpu(), layer.values.detach().view(-1)
     flat = layer.mask.flatten().nonzero().flatten().cpu()
-    return flat, layer.weight.detach().flatten()[flat.to(layer.weight.device)]
+    w = layer._weight()
+    return flat, w.detach().flatten()[flat.to(w.device)]
 
 
 def _select(keys: Tensor, k: int, largest: bool) -> Tensor:
@@ -191,6 +192,45 @@ def _broadcast(positions: Tensor) -> Tensor:
     return buf.cpu()
 
 
+def broadcast_topology(model: nn.Module, src: int = 0) -> int:
+    """Make every rank hold rank ``src``'s topology (call it once after building the model
+    and before ``DistributedDataParallel(model)``, which broadcasts parameters and buffers
+    but not the topology: it is not a buffer, so that averaging and buffer-sync utilities
+    never touch indices). Layers whose topology differs adopt ``src``'s (their values are
+    then overwritten by DDP's parameter broadcast). Identity outside torch.distributed;
+    returns the number of layers that changed on this rank."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0
+    changed = 0
+    for _, layer in _layers(model):
+        positions, values = _positions_values(layer)
+        n = torch.tensor([positions.numel()], dtype=torch.long)
+        if dist.get_backend() == "nccl":
+            n = n.cuda()
+        dist.broadcast(n, src=src)
+        theirs = torch.empty(int(n.item()), dtype=torch.long)
+        if dist.get_rank() == src:
+            theirs = positions.clone()
+        buf = theirs.cuda() if dist.get_backend() == "nccl" else theirs
+        dist.broadcast(buf, src=src)
+        theirs = buf.cpu()
+        if torch.equal(theirs, positions):
+            continue
+        changed += 1
+        shape = (layer.out_features, layer.in_features)
+        if isinstance(layer, SparseLinear):
+            layout = CSRLayout.from_positions(theirs, shape, layer.col_indices.dtype)
+            layer._adopt(layout, values.new_zeros(theirs.numel()))
+        else:
+            with torch.no_grad():
+                mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
+                mask[theirs] = True
+                layer.mask.copy_(mask.view(shape))
+                layer._weight().mul_(layer.mask)
+    return changed
+
+
 def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
                  drop_fraction: float, drop: str = "magnitude", grow: str = "random",
                  generator: Optional[torch.Generator] = None, threshold: Optional[float] = None,
@@ -275,15 +315,16 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
         changed = torch.cat([positions[~_in(positions, new_positions)],
                              new_positions[is_new]])
         with torch.no_grad():
-            flat_w, flat_m = layer.weight.view(-1), layer.mask.view(-1)
+            weight = layer._weight()
+            flat_w, flat_m = weight.view(-1), layer.mask.view(-1)
             dev = flat_w.device
             flat_m[positions.to(dev)] = False
             flat_m[new_positions.to(dev)] = True
             flat_w[positions.to(dev)] = 0
             flat_w[new_positions.to(dev)] = new_values
-            if layer.weight.grad is not None:  # as the sparse twin's: zero where it changed
-                layer.weight.grad.view(-1)[changed.to(layer.weight.grad.device)] = 0
-        _remap_state(optimizer, layer.weight, 0, kept_idx, new_of_kept, 0, positions=changed)
+            if weight.grad is not None:  # as the sparse twin's: zero where it changed
+                weight.grad.view(-1)[changed.to(weight.grad.device)] = 0
+        _remap_state(optimizer, weight, 0, kept_idx, new_of_kept, 0, positions=changed)
     return {"nnz": nnz, "dropped": n_drop, "grown": int(fresh.numel())}
 
 

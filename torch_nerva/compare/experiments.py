@@ -148,7 +148,7 @@ def weight_drift(masked: nn.Module, csr: nn.Module) -> float:
     for m, s in zip((m for m in masked.modules() if isinstance(m, MaskedLinear)),
                     (m for m in csr.modules() if isinstance(m, SparseLinear))):
         positions = s.layout.positions()
-        w = m.weight.detach().flatten()[positions]
+        w = m._weight().detach().flatten()[positions]
         drift = max(drift, (w - s.flat_values().detach()).abs().max().item() if w.numel() else 0.0)
         if m.bias is not None:
             drift = max(drift, (m.bias.detach() - s.bias.detach()).abs().max().item())

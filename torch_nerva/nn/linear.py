@@ -6,6 +6,7 @@ then values, then bias), so ``SparseLinear(..., generator=g1)`` and
 """
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional
 
 import torch
@@ -507,6 +508,11 @@ def layout_equal(a: CSRLayout, b: CSRLayout) -> bool:
             and torch.equal(a.col.cpu().long(), b.col.cpu().long()))
 
 
+def _mask_grad(ref, grad: Tensor) -> Tensor:
+    layer = ref()
+    return grad if layer is None else grad.masked_fill(~layer.mask.to(grad.device), 0)
+
+
 class MaskedLinear(_LinearBase):
     """The masked baseline of sparse-training papers: ``y = x (weight * mask)^T + bias``.
 
@@ -514,7 +520,34 @@ class MaskedLinear(_LinearBase):
     generators). The mask is a fixed boolean buffer, applied in every forward, so the weight
     gradient is masked too. ``backend`` is accepted for signature compatibility and kept for
     :func:`torch_nerva.to_sparse`.
+
+    ``weight`` is the raw parameter, zero outside the mask. Code that reads ``layer.weight``
+    and computes with it directly (``F.linear(x, layer.weight)``, as torchvision's Swin does)
+    skips the mask of the forward; so the first such read registers a hook that masks the
+    weight's gradient, which keeps the weight zero outside the mask under any optimizer, and
+    the direct product equal to the masked one. Layers only ever called as modules pay
+    nothing for it (the library's own code reads the parameter without the hook).
     """
+
+    @property
+    def weight(self) -> nn.Parameter:
+        w = self._parameters.get("weight")
+        if w is None:
+            raise AttributeError("weight")
+        if self.__dict__.get("_grad_masked") is not w:
+            ref = weakref.ref(self)
+            w.register_hook(lambda g: _mask_grad(ref, g))
+            self.__dict__["_grad_masked"] = w
+        return w
+
+    def _weight(self) -> nn.Parameter:
+        """The weight parameter, without registering the gradient mask."""
+        return self._parameters["weight"]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_grad_masked", None)  # a copy's parameter has no hook yet
+        return state
 
     def _init_weight(self, layout: CSRLayout, values: Tensor, device) -> None:
         weight = values.new_zeros(self.out_features * self.in_features)
@@ -531,7 +564,7 @@ class MaskedLinear(_LinearBase):
         """All or nothing for this layer, as SparseLinear's: shapes and the mask (boolean, or
         0/1 numbers) are checked before anything is copied."""
         problems = []
-        for key, ref in (("weight", self.weight), ("mask", self.mask), ("bias", self.bias)):
+        for key, ref in (("weight", self._parameters["weight"]), ("mask", self.mask), ("bias", self.bias)):
             if prefix + key not in state_dict:
                 continue
             value = state_dict[prefix + key]
@@ -556,10 +589,10 @@ class MaskedLinear(_LinearBase):
 
 
     def dense_weight(self) -> Tensor:
-        return self.weight * self.mask
+        return self._parameters["weight"] * self.mask
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.weight * self.mask, self.bias)
+        return F.linear(input, self._parameters["weight"] * self.mask, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -575,7 +608,7 @@ class MaskedLinear(_LinearBase):
                     backend=backend, device=w.device, dtype=w.dtype)
         keep = keep.to(device=w.device) != 0
         with torch.no_grad():
-            layer.weight.copy_(w * keep)
+            layer._weight().copy_(w * keep)
             layer.mask.copy_(keep)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
