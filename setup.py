@@ -152,7 +152,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "tomli; python_version < '3.11'"],
     extras_require={
         "demo": ["scikit-learn", "matplotlib"],
-        "test": ["pytest", "hypothesis", "scikit-learn", "scipy", "matplotlib"],
+        "test": ["pytest", "hypothesis", "scikit-learn", "scipy", "matplotlib", "timm", "safetensors"],
         "bench": ["matplotlib"],
         "mkl": ["mkl-include"],  # headers only, needed before the build: see README
     },

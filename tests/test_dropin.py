@@ -482,3 +482,27 @@ def test_masked_twin_read_through_weight_keeps_its_mask():
     copied.weight.grad = None
     F.linear(torch.randn(4, 12), copied.weight).sum().backward()
     assert torch.all(copied.weight.grad[~copied.mask] == 0)
+
+
+def test_a_pickle_of_the_buffer_layout_still_loads():
+    """Layers pickled when the topology lived in buffers and values were 1-D."""
+    layer = _layer(dtype=torch.float32)
+    old = copy.deepcopy(layer)
+    values = old._parameters["values"]
+    values.data = values.data.reshape(-1)
+    for name in old._TOPOLOGY:
+        old._buffers[name] = old.__dict__.pop(name)
+    buf = io.BytesIO()
+    torch.save(old, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert back.values.shape == (1, layer.nnz) and not back._buffers
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(back(x), layer(x))
+
+
+def test_masked_copy_does_not_disturb_the_original_hook_marker():
+    layer = tn.MaskedLinear(6, 4, density=0.5)
+    w = layer.weight  # registers the gradient mask
+    copy.deepcopy(layer)
+    assert layer.__dict__["_grad_masked"] is w

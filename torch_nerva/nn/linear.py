@@ -193,6 +193,19 @@ class SparseLinear(_LinearBase):
             positions = torch.empty(0, dtype=torch.long, device=self.crow_indices.device)
         self.dense_positions = positions
 
+    def __setstate__(self, state) -> None:
+        """Unpickling; a layer pickled by a version that kept the topology in buffers and
+        ``values`` 1-D is brought to the current form."""
+        super().__setstate__(state)
+        buffers = self.__dict__.get("_buffers", {})
+        for name in self._TOPOLOGY:
+            if name in buffers:
+                self.__dict__[name] = buffers.pop(name)
+                self._non_persistent_buffers_set.discard(name)
+        values = self._parameters.get("values")
+        if values is not None and values.dim() == 1:
+            values.data = values.data.reshape(1, -1)
+
     def topology_tensors(self) -> List[Tensor]:
         """The index tensors this layer holds (CSR, its cached transpose, dense positions)."""
         return [self.__dict__[n] for n in self._TOPOLOGY if n in self.__dict__]
@@ -545,7 +558,7 @@ class MaskedLinear(_LinearBase):
         return self._parameters["weight"]
 
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: object.__getstate__ returns __dict__
         state.pop("_grad_masked", None)  # a copy's parameter has no hook yet
         return state
 
