@@ -59,6 +59,13 @@ def _rand(shape, dtype, gen, scale=1.0):
     return (torch.randn(*shape, generator=gen) * scale).to(dtype)
 
 
+def _bits(t):
+    """The bit patterns of a 16-bit tensor with -0 made +0 (the sign of a zero result depends
+    on whether the multiply-add is fused: +0 + (-tiny) rounds to -0 with an FMA and to +0
+    without; both are IEEE results of one operation order)."""
+    return (t.float() + 0.0).to(t.dtype).view(torch.int16)
+
+
 # ---- the kernels against float64 math on the same 16-bit numbers ----------------------------
 
 CASES = [  # (out, in, density, batch, empty_rows, empty_cols)
@@ -134,7 +141,27 @@ def test_one_product_per_output_is_rounded_exactly_once(low, isa, gen, batch):
          * (1 + 500 * (torch.rand(batch, n, generator=gen) < 0.05))).to(low)
     expected = (x.float()[:, layout.col.long()] * v.float()).to(low)
     got = ops.csr_spmm(x, v, layout.crow, layout.col)
-    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+    assert torch.equal(_bits(got), _bits(expected))
+
+
+@pytest.mark.parametrize("w", [1.0, 0.125, 3.0, 2.0 ** -20])
+def test_every_16_bit_number_widens_and_rounds_back_exactly(low, isa, w):
+    # all 65536 bit patterns times one weight: the kernels' own conversions both ways (vector
+    # loops, and the scalar batch-1 path) against torch's conversions, bit for bit (NaNs: any
+    # NaN); subnormal results, underflow to zero and overflow to Inf included
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(low)
+    v = torch.tensor([w], dtype=low)
+    crow, col = torch.tensor([0, 1]), torch.tensor([0])
+    expected = (x.float() * v.float()).to(low)
+    got = ops.csr_spmm(x[:, None], v, crow, col)[:, 0]  # batch 65536, one feature
+    assert torch.equal(got.isnan(), expected.isnan())
+    keep = ~expected.isnan()
+    assert torch.equal(_bits(got[keep]), _bits(expected[keep]))
+    finite = x[torch.isfinite(x)]  # batch 1 through W = w I (NaN/Inf would trigger the rule)
+    n = finite.numel()
+    got1 = ops.csr_spmm(finite[None], v.expand(n).contiguous(), torch.arange(n + 1),
+                        torch.arange(n))[0]
+    assert torch.equal(_bits(got1), _bits((finite.float() * w).to(low)))
 
 
 def test_results_do_not_depend_on_the_thread_count(low, isa, gen):

@@ -27,23 +27,24 @@ inline float widen(bf16 h) {
   return f;
 }
 
-// fp16 (1 sign, 5 exponent, 10 mantissa bits) to float, exact.
+// fp16 (1 sign, 5 exponent, 10 mantissa bits) to float, exact. The portable version is
+// branch-free (selects only), so that the loops calling it still vectorize.
 inline float widen(fp16 h) {
 #ifdef TORCH_NERVA_AVX2
   return _cvtsh_ss(h.bits);  // F16C
 #else
+  const uint32_t magnitude = h.bits & 0x7fffu;
   const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
-  const uint32_t exponent = (h.bits >> 10) & 0x1fu, mantissa = h.bits & 0x3ffu;
-  uint32_t u;
-  if (exponent == 0x1f) {
-    u = sign | 0x7f800000u | (mantissa << 13);  // Inf, NaN (payload kept)
-  } else if (exponent != 0) {
-    u = sign | ((exponent + 112) << 23) | (mantissa << 13);  // rebias 15 -> 127
-  } else {
-    const float f = static_cast<float>(mantissa) * 5.9604644775390625e-08f;  // x 2^-24: exact
-    __builtin_memcpy(&u, &f, sizeof u);
-    u |= sign;
-  }
+  // all-ones masks instead of branches or selects (GCC then vectorizes the callers' loops)
+  const uint32_t special = 0u - static_cast<uint32_t>(magnitude >= 0x7c00u);  // Inf, NaN
+  const uint32_t tiny = 0u - static_cast<uint32_t>(magnitude < 0x0400u);      // 0, subnormal
+  // exponent rebiased 15 -> 127 (Inf/NaN: 31 -> 255), mantissa and NaN payload kept
+  const uint32_t normal = (magnitude << 13) + 0x38000000u + (special & 0x38000000u);
+  // zero and subnormals: magnitude x 2^-24, exact in float
+  const float small = static_cast<float>(static_cast<int32_t>(magnitude)) * 5.9604644775390625e-08f;
+  uint32_t small_bits;
+  __builtin_memcpy(&small_bits, &small, sizeof small_bits);
+  const uint32_t u = sign | (tiny & small_bits) | (~tiny & normal);
   float f;
   __builtin_memcpy(&f, &u, sizeof f);
   return f;
@@ -64,28 +65,33 @@ inline bf16 narrow_bf16(float f) {
 }
 
 // float to fp16, round to nearest even (overflow to Inf, gradual underflow); NaN becomes a quiet
-// NaN of the same sign with the upper payload bits (as vcvtps2ph).
+// NaN of the same sign with the upper payload bits (as vcvtps2ph). Portable version branch-free.
 inline fp16 narrow_fp16(float f) {
 #ifdef TORCH_NERVA_AVX2
   return fp16{static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))};
 #else
-  uint32_t u = float_bits(f);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  u &= 0x7fffffffu;
-  if (u > 0x7f800000u) return fp16{static_cast<uint16_t>(sign | 0x7e00u | ((u >> 13) & 0x3ffu))};
-  if (u >= 0x477ff000u) return fp16{static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520: Inf
-  if (u < 0x38800000u) {
-    // below 2^-14: a subnormal (or zero) of fp16, i.e. a multiple of 2^-24. Adding 0.5 makes
-    // the float unit round |f| at 2^-24 steps (to nearest even); the low bits are the result.
-    float g;
-    __builtin_memcpy(&g, &u, sizeof g);
-    g += 0.5f;
-    return fp16{static_cast<uint16_t>(sign | (float_bits(g) - 0x3f000000u))};
-  }
-  // normal: rebias the exponent (127 -> 15) and round the 13 dropped bits to nearest even
-  const uint32_t odd = (u >> 13) & 1u;
-  u += 0xc8000fffu + odd;  // (15 - 127) << 23, modulo 2^32, plus the rounding increment
-  return fp16{static_cast<uint16_t>(sign | (u >> 13))};
+  const uint32_t u = float_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  // normal: rebias the exponent (127 -> 15; + (15 - 127) << 23 modulo 2^32) and round the 13
+  // dropped bits to nearest even
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
+  // below 2^-14, a subnormal (or zero) of fp16, i.e. a multiple of 2^-24: adding 0.5 makes the
+  // float unit round |f| at 2^-24 steps (to nearest even); the low bits are the result
+  float magnitude;
+  __builtin_memcpy(&magnitude, &a, sizeof magnitude);
+  const uint32_t small = float_bits(magnitude + 0.5f) - 0x3f000000u;
+  const uint32_t nan = 0x7e00u | ((a >> 13) & 0x3ffu);
+  // all-ones masks instead of branches (see widen)
+  const uint32_t is_small = 0u - static_cast<uint32_t>(a < 0x38800000u);
+  // from 65520 on (Inf included) the result is Inf
+  const uint32_t is_inf = 0u - (static_cast<uint32_t>(a >= 0x477ff000u) &
+                                static_cast<uint32_t>(a <= 0x7f800000u));
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(a > 0x7f800000u);
+  const uint32_t finite = ~(is_inf | is_nan);
+  const uint32_t r = (finite & ((is_small & small) | (~is_small & normal))) |
+                     (is_inf & 0x7c00u) | (is_nan & nan);
+  return fp16{static_cast<uint16_t>(sign | r)};
 #endif
 }
 
