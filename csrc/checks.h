@@ -35,14 +35,29 @@ inline void check_index_pair(const char* op, const at::Tensor& crow, const at::T
               col.scalar_type());
 }
 
+// Whether the native kernels take this value type: float32 and float64, and bfloat16 and
+// float16 (stored in 16 bits, accumulated in float32).
+inline bool native_value_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// values 1-D, of x's dtype, and a dtype the op supports: float32/float64, and with
+// `low_precision` also bfloat16/float16.
 inline void check_values(const char* op, const at::Tensor& values, const at::Tensor& x,
-                         const char* x_name) {
+                         const char* x_name, bool low_precision = false) {
   TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D (nnz), got shape ", values.sizes());
   TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": ", x_name, " has dtype ",
               x.scalar_type(), " but values have dtype ", values.scalar_type(),
               "; cast one to match");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": only float32 and float64 are supported, got ", x.scalar_type());
+  if (low_precision) {
+    TORCH_CHECK(native_value_type(x.scalar_type()), op,
+                ": only float32, float64, bfloat16 and float16 are supported, got ",
+                x.scalar_type());
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                ": only float32 and float64 are supported, got ", x.scalar_type(),
+                " (the native backend also takes bfloat16 and float16)");
+  }
 }
 
 template <typename index_t>

@@ -263,8 +263,8 @@ def test_op_argument_errors(gen):
         ops.csr_spmm(torch.randn(2, 8), v[:-1], crow, col)
     with pytest.raises(RuntimeError, match="bias must have shape"):
         ops.csr_spmm(torch.randn(2, 8), v, crow, col, bias=torch.randn(5))
-    with pytest.raises(RuntimeError, match="only float32 and float64"):
-        ops.csr_spmm(torch.randn(2, 8).half(), v.half(), crow, col)
+    with pytest.raises(RuntimeError, match="only float32, float64, bfloat16 and float16"):
+        ops.csr_spmm(torch.randn(2, 8).to(torch.complex64), v.to(torch.complex64), crow, col)
     with pytest.raises(RuntimeError, match="batch"):
         ops.csr_sddmm(torch.randn(3, 6), torch.randn(2, 8), crow, col)
     crow_t, col_t, perm = ops.csr_transpose(crow, col, 8)

@@ -18,13 +18,33 @@ from .layout import CSRLayout, csr_tensor
 _ops = torch.ops.torch_nerva
 
 
+#: Value types stored in 16 bits and accumulated in float32 by the native and cusparse backends.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` computes a linear layer on ``x`` in, or None when no autocast
+    region is active for x's device type or autocast leaves x alone (float64, as for
+    ``aten::linear``)."""
+    device_type = x.device.type
+    if x.dtype == torch.float64 or not x.is_floating_point() \
+            or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _check_input(x: Tensor, values: Tensor, bias: Optional[Tensor], in_features: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"sparse_linear: input must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"sparse_linear: expected input of shape (*, in_features={in_features}), "
                          f"got {tuple(x.shape)}")
-    if x.dtype != values.dtype:
+    # Under torch.autocast the op casts x, values and bias to the region's dtype (csrc/
+    # autocast.cpp; the dense backend through F.linear), as nn.Linear does: different floating
+    # dtypes are expected there (e.g. a bfloat16 activation into float32 values).
+    if x.dtype != values.dtype and not (_autocast_dtype(x) is not None
+                                        and values.dtype != torch.float64
+                                        and values.is_floating_point()):
         raise TypeError(f"sparse_linear: input dtype {x.dtype} does not match the layer's dtype "
                         f"{values.dtype}; cast the input or the layer (layer.to(dtype))")
     if x.device != values.device:
@@ -67,13 +87,36 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tenso
         y = dense_linear(x2, values, bias, positions, out_features, in_features)
     elif which in ("native", "cusparse"):  # one op: CPU and CUDA kernels
         y = ops.sparse_linear(x2, values, bias, crow, col, crow_t, col_t, perm)
-    elif which == "torch":
-        y = _TorchSparseLinear.apply(x2, values, bias, crow, col, crow_t, col_t, perm)
-    elif which == "mkl":
-        y = _MklSparseLinear.apply(x2, values, bias, crow, col)
+    elif which in ("torch", "mkl"):
+        autocast = _autocast_dtype(x2)
+        _check_library_dtype(which, autocast or x2.dtype, x2.device, autocast is not None)
+        if autocast is not None:
+            # as nn.Linear under autocast: inputs cast to the region's dtype (differentiable,
+            # so a float32 values Parameter gets a float32 gradient), computed in that dtype
+            x2, values = x2.to(autocast), values.to(autocast)
+            bias = None if bias is None else bias.to(autocast)
+        with torch.autocast(x2.device.type, enabled=False):
+            if which == "torch":
+                y = _TorchSparseLinear.apply(x2, values, bias, crow, col, crow_t, col_t, perm)
+            else:
+                y = _MklSparseLinear.apply(x2, values, bias, crow, col)
     else:  # pragma: no cover - backends.check refuses unbuilt names earlier
         raise RuntimeError(f"backend {which!r} is not available")
     return y if flat else y.reshape(*x.shape[:-1], out_features)
+
+
+def _check_library_dtype(which: str, dtype: torch.dtype, device: torch.device,
+                         autocast: bool) -> None:
+    """The torch and mkl backends compute with torch.sparse and MKL, which have no bfloat16 or
+    float16 sparse kernels on the CPU (MKL has none at all): refuse instead of computing
+    something else than the layer's dtype (or autocast's) would."""
+    if dtype in LOW_PRECISION and (which == "mkl" or device.type == "cpu"):
+        where = "MKL's sparse BLAS" if which == "mkl" else f"torch.sparse on {device.type}"
+        raise RuntimeError(
+            f"sparse_linear: backend {which!r} cannot compute in {dtype}"
+            + (" (the dtype of the active torch.autocast region)" if autocast else "")
+            + f": {where} has no {dtype} kernels. Use backend='native' (bfloat16/float16 "
+              "storage, float32 accumulation) or backend='dense'")
 
 
 def dense_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], positions: Tensor,
@@ -95,8 +138,10 @@ def dense_nonfinite(y: Tensor, x: Tensor, crow: Tensor, col: Tensor, n_cols: int
     bad = ~torch.isfinite(x)
     if not torch.compiler.is_compiling() and not bool(bad.any()):
         return y  # (a compiled graph takes no data-dependent branch: it always applies the rule)
-    indicator = bad.to(x.dtype)
-    ones = torch.ones(col.numel(), dtype=x.dtype, device=x.device)
+    # exact integer counts: float32 (or float64), never a 16-bit type (see csrc/nonfinite.h)
+    count_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    indicator = bad.to(count_dtype)
+    ones = torch.ones(col.numel(), dtype=count_dtype, device=x.device)
     if x.is_cpu:  # the native op: traceable by torch.compile, no torch.sparse tensor
         connected = _ops.csr_spmm.default(indicator, ones, crow, col, None, None)
     else:

@@ -63,8 +63,10 @@ def supported_isas() -> List[str]:
 
 def padded_ld(batch: int, dtype: torch.dtype) -> int:
     """The transposed activations' leading dimension: the batch, padded to whole 64-byte
-    vectors once it is at least one vector wide (mirrors ``padded_ld`` in csrc/cpu/kernels.h)."""
-    lanes = 64 // torch.empty((), dtype=dtype).element_size()
+    vectors of the accumulation type once it is at least one vector wide (mirrors ``padded_ld``
+    in csrc/cpu/kernels.h): 16 lanes for float32, bfloat16 and float16 (the 16-bit types
+    accumulate in float32), 8 for float64."""
+    lanes = 64 // max(4, torch.empty((), dtype=dtype).element_size())
     # sym_ite, not a Python branch: a symbolic batch (torch.export / dynamic shapes) is not
     # specialised to one side of the threshold
     return torch.sym_ite(batch < lanes, batch, (batch + lanes - 1) // lanes * lanes)

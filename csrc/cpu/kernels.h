@@ -11,6 +11,32 @@
 namespace torch_nerva {
 namespace cpu {
 
+// 16-bit storage types, bit-compatible with c10::BFloat16 and c10::Half (one uint16_t each).
+// The kernels store activations, values and results in them and accumulate in float32
+// (acc_t); every conversion is explicit (widen / narrow in kernels_impl.h).
+struct bf16 {
+  uint16_t bits;
+};
+struct fp16 {
+  uint16_t bits;
+};
+
+// The accumulation type of a storage type: itself for float and double, float for 16-bit.
+template <typename S>
+struct Acc {
+  typedef S type;
+};
+template <>
+struct Acc<bf16> {
+  typedef float type;
+};
+template <>
+struct Acc<fp16> {
+  typedef float type;
+};
+template <typename S>
+using acc_t = typename Acc<S>::type;
+
 // The first malformed index a chunk of rows met (-1: none).
 struct KernelError {
   int64_t row = -1;   // a row whose [crow[r], crow[r+1]) is not a range inside [0, nnz]
@@ -34,13 +60,13 @@ struct SpmmArgs {
   int64_t n_out;
   S* yt;
   // With `clamp`, every output is min(max(y, lo), hi) (the Graph Challenge's ReLU capped at 32,
-  // fused into the store).
+  // fused into the store; compared in the accumulation type, before rounding to S).
   bool clamp = false;
-  S lo = S(0), hi = S(0);
+  acc_t<S> lo = 0, hi = 0;
 };
 
 // out[k] = sum_b G[b, row(k)] X[b, col(k)] with G and X transposed and padded alike:
-// gt is (n_out x ld), xt is (n_in x ld).
+// gt is (n_out x ld), xt is (n_in x ld). Summed in acc_t<S>, rounded to S once.
 template <typename S, typename I>
 struct SddmmArgs {
   const S* gt;
@@ -85,10 +111,12 @@ TORCH_NERVA_DECLARE_ISA(avx2)
 TORCH_NERVA_DECLARE_ISA(base)
 #undef TORCH_NERVA_DECLARE_ISA
 
-// Lanes of one 64-byte vector (AVX-512 register, cache line): the batch padding unit.
+// Lanes of one 64-byte vector of the accumulation type (an AVX-512 register of float or
+// double): the batch padding unit. 16-bit types pad like float (16 lanes): their accumulators
+// are floats, and padding to 32 would cost up to 14% more work at batch 100 for nothing.
 template <typename S>
 constexpr int64_t lanes() {
-  return 64 / static_cast<int64_t>(sizeof(S));
+  return 64 / static_cast<int64_t>(sizeof(acc_t<S>));
 }
 
 // The padded leading dimension for a batch: the batch itself when it is narrower than one

@@ -6,7 +6,7 @@
 #define TORCH_NERVA_AVX2 1
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace torch_nerva {
 namespace cpu {
 namespace avx2 {

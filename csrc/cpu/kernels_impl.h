@@ -2,10 +2,205 @@
 // `namespace torch_nerva::cpu::<isa>` under a `#pragma GCC target`. No includes here (see
 // kernels.h). Vectorization comes from fixed-size inner loops over whole 64-byte vectors,
 // which the compiler keeps in registers.
+//
+// Storage types S: float, double, bf16, fp16 (kernels.h). Every value read is widened to the
+// accumulation type acc_t<S> (float for the 16-bit types) and every result is rounded to S
+// once, when it is stored (narrow: round to nearest even, NaN stays NaN). The AVX2 and AVX-512
+// builds have vector versions of the 16-bit inner loops (TORCH_NERVA_VECTOR16 below); the
+// scalar loops are the reference, and the base build's only path.
 
 template <typename T>
 inline T tn_min(T a, T b) {
   return a < b ? a : b;
+}
+
+// ---- conversions between the storage and the accumulation type ---------------------------------
+
+inline float widen(float v) { return v; }
+inline double widen(double v) { return v; }
+
+// bf16 is the upper half of a float: widening is exact, a 16-bit shift.
+inline float widen(bf16 h) {
+  const uint32_t u = static_cast<uint32_t>(h.bits) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// fp16 (1 sign, 5 exponent, 10 mantissa bits) to float, exact. The portable version is
+// branch-free (selects only), so that the loops calling it still vectorize.
+inline float widen(fp16 h) {
+#ifdef TORCH_NERVA_AVX2
+  return _cvtsh_ss(h.bits);  // F16C
+#else
+  const uint32_t magnitude = h.bits & 0x7fffu;
+  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+  // all-ones masks instead of branches or selects (GCC then vectorizes the callers' loops)
+  const uint32_t special = 0u - static_cast<uint32_t>(magnitude >= 0x7c00u);  // Inf, NaN
+  const uint32_t tiny = 0u - static_cast<uint32_t>(magnitude < 0x0400u);      // 0, subnormal
+  // exponent rebiased 15 -> 127 (Inf/NaN: 31 -> 255), mantissa and NaN payload kept
+  const uint32_t normal = (magnitude << 13) + 0x38000000u + (special & 0x38000000u);
+  // zero and subnormals: magnitude x 2^-24, exact in float
+  const float small = static_cast<float>(static_cast<int32_t>(magnitude)) * 5.9604644775390625e-08f;
+  uint32_t small_bits;
+  __builtin_memcpy(&small_bits, &small, sizeof small_bits);
+  const uint32_t u = sign | (tiny & small_bits) | (~tiny & normal);
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// float to bf16, round to nearest even; NaN becomes a quiet NaN of the same sign.
+inline bf16 narrow_bf16(float f) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u | 0x00400000u) >> 16)};
+  return bf16{static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+
+// float to fp16, round to nearest even (overflow to Inf, gradual underflow); NaN becomes a quiet
+// NaN of the same sign with the upper payload bits (as vcvtps2ph). Portable version branch-free.
+inline fp16 narrow_fp16(float f) {
+#ifdef TORCH_NERVA_AVX2
+  return fp16{static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))};
+#else
+  const uint32_t u = float_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  // normal: rebias the exponent (127 -> 15; + (15 - 127) << 23 modulo 2^32) and round the 13
+  // dropped bits to nearest even
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
+  // below 2^-14, a subnormal (or zero) of fp16, i.e. a multiple of 2^-24: adding 0.5 makes the
+  // float unit round |f| at 2^-24 steps (to nearest even); the low bits are the result
+  float magnitude;
+  __builtin_memcpy(&magnitude, &a, sizeof magnitude);
+  const uint32_t small = float_bits(magnitude + 0.5f) - 0x3f000000u;
+  const uint32_t nan = 0x7e00u | ((a >> 13) & 0x3ffu);
+  // all-ones masks instead of branches (see widen)
+  const uint32_t is_small = 0u - static_cast<uint32_t>(a < 0x38800000u);
+  // from 65520 on (Inf included) the result is Inf
+  const uint32_t is_inf = 0u - (static_cast<uint32_t>(a >= 0x477ff000u) &
+                                static_cast<uint32_t>(a <= 0x7f800000u));
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(a > 0x7f800000u);
+  const uint32_t finite = ~(is_inf | is_nan);
+  const uint32_t r = (finite & ((is_small & small) | (~is_small & normal))) |
+                     (is_inf & 0x7c00u) | (is_nan & nan);
+  return fp16{static_cast<uint16_t>(sign | r)};
+#endif
+}
+
+template <typename S>
+struct Narrow {
+  static S from(acc_t<S> a) { return a; }
+};
+template <>
+struct Narrow<bf16> {
+  static bf16 from(float a) { return narrow_bf16(a); }
+};
+template <>
+struct Narrow<fp16> {
+  static fp16 from(float a) { return narrow_fp16(a); }
+};
+
+// The accumulated value rounded to the storage type.
+template <typename S>
+inline S narrow(acc_t<S> a) {
+  return Narrow<S>::from(a);
+}
+
+// ---- vectors of floats for the 16-bit inner loops (AVX2: 8 lanes, AVX-512: 16) ---------------
+
+#if defined(TORCH_NERVA_AVX512)
+#define TORCH_NERVA_VECTOR16 1
+typedef __m512 vf;
+constexpr int64_t kVL = 16;
+inline vf vf_zero() { return _mm512_setzero_ps(); }
+inline vf vf_set1(float v) { return _mm512_set1_ps(v); }
+inline vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vf_clamp(vf v, float lo, float hi) {
+  return _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+}
+inline vf vf_load(const bf16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline vf vf_load(const fp16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void vf_store(bf16* p, vf v) {  // as narrow_bf16, 16 lanes at once
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+inline void vf_store(fp16* p, vf v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+// Horizontal sum in a fixed order (halves added pairwise).
+inline float vf_sum(vf v) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 e = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(e, _mm_movehdup_ps(e)));
+}
+#elif defined(TORCH_NERVA_AVX2)
+#define TORCH_NERVA_VECTOR16 1
+typedef __m256 vf;
+constexpr int64_t kVL = 8;
+inline vf vf_zero() { return _mm256_setzero_ps(); }
+inline vf vf_set1(float v) { return _mm256_set1_ps(v); }
+inline vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vf_clamp(vf v, float lo, float hi) {
+  return _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+}
+inline vf vf_load(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline vf vf_load(const fp16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void vf_store(bf16* p, vf v) {  // as narrow_bf16, 8 lanes at once
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+  const __m256i quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x00400000));
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  const __m256i r = _mm256_srli_epi32(_mm256_castps_si256(_mm256_blendv_ps(
+      _mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet), nan)), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+inline void vf_store(fp16* p, vf v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline float vf_sum(vf v) {
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 e = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(e, _mm_movehdup_ps(e)));
+}
+#endif
+
+// Whether the vector loops serve storage type S in this build.
+template <typename S>
+constexpr bool vector16() {
+#ifdef TORCH_NERVA_VECTOR16
+  return sizeof(S) == 2;
+#else
+  return false;
+#endif
 }
 
 template <typename S, typename I>
@@ -45,43 +240,75 @@ inline bool nonzero(const SpmmArgs<S, I>& a, int64_t k, int64_t& c, S& v, Kernel
 template <int NV, typename S, typename I>
 inline void spmm_row_block(const SpmmArgs<S, I>& a, int64_t r, int64_t start, int64_t end,
                            int64_t b0, KernelError& err) {
+  typedef acc_t<S> A;
   constexpr int64_t L = lanes<S>();
   constexpr int64_t W = NV * L;
-  S acc[W];
-  const S init = a.bias ? a.bias[r] : S(0);
+  A acc[W];
+  const A init = a.bias ? widen(a.bias[r]) : A(0);
   for (int64_t j = 0; j < W; ++j) acc[j] = init;
   for (int64_t k = start; k < end; ++k) {
     int64_t c;
     S v;
     if (!nonzero<S, I>(a, k, c, v, err)) continue;
+    const A va = widen(v);
     const S* __restrict__ xr = a.xt + c * a.ld + b0;
-    for (int64_t j = 0; j < W; ++j) acc[j] += v * xr[j];
+    for (int64_t j = 0; j < W; ++j) acc[j] += va * widen(xr[j]);
   }
   S* __restrict__ yt = a.yt + r * a.ld + b0;
   if (a.clamp) {
-    for (int64_t j = 0; j < W; ++j) yt[j] = acc[j] < a.lo ? a.lo : acc[j] > a.hi ? a.hi : acc[j];
+    for (int64_t j = 0; j < W; ++j) {
+      yt[j] = narrow<S>(acc[j] < a.lo ? a.lo : acc[j] > a.hi ? a.hi : acc[j]);
+    }
   } else {
-    for (int64_t j = 0; j < W; ++j) yt[j] = acc[j];
+    for (int64_t j = 0; j < W; ++j) yt[j] = narrow<S>(acc[j]);
   }
 }
+
+#ifdef TORCH_NERVA_VECTOR16
+// spmm_row_block for the 16-bit types: float accumulators in vector registers, each row of xt
+// widened as it is loaded, the results rounded once when stored.
+template <int NV, typename S, typename I>
+inline void spmm_row_block16(const SpmmArgs<S, I>& a, int64_t r, int64_t start, int64_t end,
+                             int64_t b0, KernelError& err) {
+  constexpr int64_t NR = NV * lanes<S>() / kVL;
+  vf acc[NR];
+  const vf init = vf_set1(a.bias ? widen(a.bias[r]) : 0.0f);
+  for (int64_t i = 0; i < NR; ++i) acc[i] = init;
+  for (int64_t k = start; k < end; ++k) {
+    int64_t c;
+    S v;
+    if (!nonzero<S, I>(a, k, c, v, err)) continue;
+    const vf va = vf_set1(widen(v));
+    const S* xr = a.xt + c * a.ld + b0;
+    for (int64_t i = 0; i < NR; ++i) acc[i] = vf_fma(va, vf_load(xr + i * kVL), acc[i]);
+  }
+  S* yt = a.yt + r * a.ld + b0;
+  for (int64_t i = 0; i < NR; ++i) {
+    vf_store(yt + i * kVL, a.clamp ? vf_clamp(acc[i], a.lo, a.hi) : acc[i]);
+  }
+}
+#endif
 
 // Narrow batches (ld == batch < L): runtime-length accumulator, no padding.
 template <typename S, typename I>
 inline void spmm_row_narrow(const SpmmArgs<S, I>& a, int64_t r, int64_t start, int64_t end,
                             KernelError& err) {
+  typedef acc_t<S> A;
   constexpr int64_t L = lanes<S>();
-  S acc[L];
-  const S init = a.bias ? a.bias[r] : S(0);
+  A acc[L];
+  const A init = a.bias ? widen(a.bias[r]) : A(0);
   for (int64_t j = 0; j < a.batch; ++j) acc[j] = init;
   for (int64_t k = start; k < end; ++k) {
     int64_t c;
     S v;
     if (!nonzero<S, I>(a, k, c, v, err)) continue;
+    const A va = widen(v);
     const S* __restrict__ xr = a.xt + c * a.ld;
-    for (int64_t j = 0; j < a.batch; ++j) acc[j] += v * xr[j];
+    for (int64_t j = 0; j < a.batch; ++j) acc[j] += va * widen(xr[j]);
   }
   for (int64_t j = 0; j < a.batch; ++j) {
-    a.yt[r * a.ld + j] = !a.clamp ? acc[j] : acc[j] < a.lo ? a.lo : acc[j] > a.hi ? a.hi : acc[j];
+    a.yt[r * a.ld + j] =
+        narrow<S>(!a.clamp ? acc[j] : acc[j] < a.lo ? a.lo : acc[j] > a.hi ? a.hi : acc[j]);
   }
 }
 
@@ -89,7 +316,8 @@ inline void spmm_row_narrow(const SpmmArgs<S, I>& a, int64_t r, int64_t start, i
 template <typename S, typename I>
 inline void spmm_row_single(const SpmmArgs<S, I>& a, int64_t r, int64_t start, int64_t end,
                             KernelError& err) {
-  S acc[4] = {S(0), S(0), S(0), S(0)};
+  typedef acc_t<S> A;
+  A acc[4] = {A(0), A(0), A(0), A(0)};
   const uint64_t n_in = (uint64_t)a.n_in;
   int64_t k = start;
   if (!a.perm) {
@@ -99,19 +327,31 @@ inline void spmm_row_single(const SpmmArgs<S, I>& a, int64_t r, int64_t start, i
           (uint64_t)c3 >= n_in) {
         break;  // the checked loop below records which
       }
-      acc[0] += a.values[k] * a.xt[c0];
-      acc[1] += a.values[k + 1] * a.xt[c1];
-      acc[2] += a.values[k + 2] * a.xt[c2];
-      acc[3] += a.values[k + 3] * a.xt[c3];
+      acc[0] += widen(a.values[k]) * widen(a.xt[c0]);
+      acc[1] += widen(a.values[k + 1]) * widen(a.xt[c1]);
+      acc[2] += widen(a.values[k + 2]) * widen(a.xt[c2]);
+      acc[3] += widen(a.values[k + 3]) * widen(a.xt[c3]);
     }
   }
   for (; k < end; ++k) {
     int64_t c;
     S v;
-    if (nonzero<S, I>(a, k, c, v, err)) acc[0] += v * a.xt[c];
+    if (nonzero<S, I>(a, k, c, v, err)) acc[0] += widen(v) * widen(a.xt[c]);
   }
-  const S y = (a.bias ? a.bias[r] : S(0)) + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
-  a.yt[r] = !a.clamp ? y : y < a.lo ? a.lo : y > a.hi ? a.hi : y;
+  const A y = (a.bias ? widen(a.bias[r]) : A(0)) + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  a.yt[r] = narrow<S>(!a.clamp ? y : y < a.lo ? a.lo : y > a.hi ? a.hi : y);
+}
+
+template <int NV, typename S, typename I>
+inline void spmm_block(const SpmmArgs<S, I>& a, int64_t r, int64_t start, int64_t end,
+                       int64_t b0, KernelError& err) {
+#ifdef TORCH_NERVA_VECTOR16
+  if constexpr (vector16<S>()) {
+    spmm_row_block16<NV, S, I>(a, r, start, end, b0, err);
+    return;
+  }
+#endif
+  spmm_row_block<NV, S, I>(a, r, start, end, b0, err);
 }
 
 template <typename S, typename I>
@@ -131,10 +371,10 @@ void spmm_rows(const SpmmArgs<S, I>& a, int64_t r0, int64_t r1, KernelError& err
     }
     for (int64_t b0 = 0; b0 < a.ld; b0 += 4 * L) {
       switch (tn_min<int64_t>(4 * L, a.ld - b0) / L) {
-        case 4: spmm_row_block<4, S, I>(a, r, start, end, b0, err); break;
-        case 3: spmm_row_block<3, S, I>(a, r, start, end, b0, err); break;
-        case 2: spmm_row_block<2, S, I>(a, r, start, end, b0, err); break;
-        default: spmm_row_block<1, S, I>(a, r, start, end, b0, err); break;
+        case 4: spmm_block<4, S, I>(a, r, start, end, b0, err); break;
+        case 3: spmm_block<3, S, I>(a, r, start, end, b0, err); break;
+        case 2: spmm_block<2, S, I>(a, r, start, end, b0, err); break;
+        default: spmm_block<1, S, I>(a, r, start, end, b0, err); break;
       }
     }
   }
@@ -142,9 +382,8 @@ void spmm_rows(const SpmmArgs<S, I>& a, int64_t r0, int64_t r1, KernelError& err
 
 // sum_b g[b] * x[b] over ld entries: whole vectors in lane order, then a pairwise lane sum
 // (a fixed order, so results do not depend on threads), then the tail (narrow batches only).
-template <typename S>
-inline S reduce_lanes(S* acc) {
-  constexpr int64_t L = lanes<S>();
+template <int64_t L, typename A>
+inline A reduce_lanes(A* acc) {
   for (int64_t w = L / 2; w > 0; w /= 2) {
     for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
   }
@@ -152,17 +391,18 @@ inline S reduce_lanes(S* acc) {
 }
 
 template <typename S>
-inline S dot_padded(const S* __restrict__ g, const S* __restrict__ x, int64_t ld) {
+inline acc_t<S> dot_padded(const S* __restrict__ g, const S* __restrict__ x, int64_t ld) {
+  typedef acc_t<S> A;
   constexpr int64_t L = lanes<S>();
   const int64_t whole = ld / L * L;
-  S acc[L];
-  for (int64_t j = 0; j < L; ++j) acc[j] = S(0);
+  A acc[L];
+  for (int64_t j = 0; j < L; ++j) acc[j] = A(0);
   for (int64_t b = 0; b < whole; b += L) {
-    for (int64_t j = 0; j < L; ++j) acc[j] += g[b + j] * x[b + j];
+    for (int64_t j = 0; j < L; ++j) acc[j] += widen(g[b + j]) * widen(x[b + j]);
   }
-  S tail = S(0);
-  for (int64_t b = whole; b < ld; ++b) tail += g[b] * x[b];
-  return reduce_lanes<S>(acc) + tail;
+  A tail = A(0);
+  for (int64_t b = whole; b < ld; ++b) tail += widen(g[b]) * widen(x[b]);
+  return reduce_lanes<L, A>(acc) + tail;
 }
 
 // Four dot products against one g: g is loaded once and the four accumulation chains are
@@ -170,31 +410,110 @@ inline S dot_padded(const S* __restrict__ g, const S* __restrict__ x, int64_t ld
 template <typename S>
 inline void dot4_padded(const S* __restrict__ g, const S* __restrict__ x0,
                         const S* __restrict__ x1, const S* __restrict__ x2,
-                        const S* __restrict__ x3, int64_t ld, S* out) {
+                        const S* __restrict__ x3, int64_t ld, acc_t<S>* out) {
+  typedef acc_t<S> A;
   constexpr int64_t L = lanes<S>();
   const int64_t whole = ld / L * L;
-  S a0[L], a1[L], a2[L], a3[L];
-  for (int64_t j = 0; j < L; ++j) a0[j] = a1[j] = a2[j] = a3[j] = S(0);
+  A a0[L], a1[L], a2[L], a3[L];
+  for (int64_t j = 0; j < L; ++j) a0[j] = a1[j] = a2[j] = a3[j] = A(0);
   for (int64_t b = 0; b < whole; b += L) {
     for (int64_t j = 0; j < L; ++j) {
-      const S gv = g[b + j];
-      a0[j] += gv * x0[b + j];
-      a1[j] += gv * x1[b + j];
-      a2[j] += gv * x2[b + j];
-      a3[j] += gv * x3[b + j];
+      const A gv = widen(g[b + j]);
+      a0[j] += gv * widen(x0[b + j]);
+      a1[j] += gv * widen(x1[b + j]);
+      a2[j] += gv * widen(x2[b + j]);
+      a3[j] += gv * widen(x3[b + j]);
     }
   }
-  S t0 = S(0), t1 = S(0), t2 = S(0), t3 = S(0);
+  A t0 = A(0), t1 = A(0), t2 = A(0), t3 = A(0);
   for (int64_t b = whole; b < ld; ++b) {
-    t0 += g[b] * x0[b];
-    t1 += g[b] * x1[b];
-    t2 += g[b] * x2[b];
-    t3 += g[b] * x3[b];
+    const A gv = widen(g[b]);
+    t0 += gv * widen(x0[b]);
+    t1 += gv * widen(x1[b]);
+    t2 += gv * widen(x2[b]);
+    t3 += gv * widen(x3[b]);
   }
-  out[0] = reduce_lanes<S>(a0) + t0;
-  out[1] = reduce_lanes<S>(a1) + t1;
-  out[2] = reduce_lanes<S>(a2) + t2;
-  out[3] = reduce_lanes<S>(a3) + t3;
+  out[0] = reduce_lanes<L, A>(a0) + t0;
+  out[1] = reduce_lanes<L, A>(a1) + t1;
+  out[2] = reduce_lanes<L, A>(a2) + t2;
+  out[3] = reduce_lanes<L, A>(a3) + t3;
+}
+
+#ifdef TORCH_NERVA_VECTOR16
+// dot_padded / dot4_padded for the 16-bit types: float vectors, lanes widened as loaded.
+template <typename S>
+inline float dot_padded16(const S* g, const S* x, int64_t ld) {
+  constexpr int64_t NL = lanes<S>() / kVL;
+  const int64_t whole = ld / lanes<S>() * lanes<S>();
+  vf acc[NL];
+  for (int64_t i = 0; i < NL; ++i) acc[i] = vf_zero();
+  for (int64_t b = 0; b < whole; b += lanes<S>()) {
+    for (int64_t i = 0; i < NL; ++i) {
+      acc[i] = vf_fma(vf_load(g + b + i * kVL), vf_load(x + b + i * kVL), acc[i]);
+    }
+  }
+  for (int64_t i = 1; i < NL; ++i) acc[0] = vf_add(acc[0], acc[i]);
+  float tail = 0.0f;
+  for (int64_t b = whole; b < ld; ++b) tail += widen(g[b]) * widen(x[b]);
+  return vf_sum(acc[0]) + tail;
+}
+
+template <typename S>
+inline void dot4_padded16(const S* g, const S* x0, const S* x1, const S* x2, const S* x3,
+                          int64_t ld, float* out) {
+  constexpr int64_t NL = lanes<S>() / kVL;
+  const int64_t whole = ld / lanes<S>() * lanes<S>();
+  vf a0[NL], a1[NL], a2[NL], a3[NL];
+  for (int64_t i = 0; i < NL; ++i) a0[i] = a1[i] = a2[i] = a3[i] = vf_zero();
+  for (int64_t b = 0; b < whole; b += lanes<S>()) {
+    for (int64_t i = 0; i < NL; ++i) {
+      const int64_t o = b + i * kVL;
+      const vf gv = vf_load(g + o);
+      a0[i] = vf_fma(gv, vf_load(x0 + o), a0[i]);
+      a1[i] = vf_fma(gv, vf_load(x1 + o), a1[i]);
+      a2[i] = vf_fma(gv, vf_load(x2 + o), a2[i]);
+      a3[i] = vf_fma(gv, vf_load(x3 + o), a3[i]);
+    }
+  }
+  for (int64_t i = 1; i < NL; ++i) {
+    a0[0] = vf_add(a0[0], a0[i]);
+    a1[0] = vf_add(a1[0], a1[i]);
+    a2[0] = vf_add(a2[0], a2[i]);
+    a3[0] = vf_add(a3[0], a3[i]);
+  }
+  float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
+  for (int64_t b = whole; b < ld; ++b) {
+    const float gv = widen(g[b]);
+    t0 += gv * widen(x0[b]);
+    t1 += gv * widen(x1[b]);
+    t2 += gv * widen(x2[b]);
+    t3 += gv * widen(x3[b]);
+  }
+  out[0] = vf_sum(a0[0]) + t0;
+  out[1] = vf_sum(a1[0]) + t1;
+  out[2] = vf_sum(a2[0]) + t2;
+  out[3] = vf_sum(a3[0]) + t3;
+}
+#endif
+
+template <typename S>
+inline acc_t<S> dot(const S* g, const S* x, int64_t ld) {
+#ifdef TORCH_NERVA_VECTOR16
+  if constexpr (vector16<S>()) return dot_padded16<S>(g, x, ld);
+#endif
+  return dot_padded<S>(g, x, ld);
+}
+
+template <typename S>
+inline void dot4(const S* g, const S* x0, const S* x1, const S* x2, const S* x3, int64_t ld,
+                 acc_t<S>* out) {
+#ifdef TORCH_NERVA_VECTOR16
+  if constexpr (vector16<S>()) {
+    dot4_padded16<S>(g, x0, x1, x2, x3, ld, out);
+    return;
+  }
+#endif
+  dot4_padded<S>(g, x0, x1, x2, x3, ld, out);
 }
 
 template <typename S, typename I>
@@ -211,17 +530,19 @@ void sddmm_rows(const SddmmArgs<S, I>& a, int64_t r0, int64_t r1, KernelError& e
           (uint64_t)c2 >= (uint64_t)a.n_in || (uint64_t)c3 >= (uint64_t)a.n_in) {
         break;  // the one-by-one loop below records which
       }
-      dot4_padded<S>(g, a.xt + c0 * a.ld, a.xt + c1 * a.ld, a.xt + c2 * a.ld,
-                     a.xt + c3 * a.ld, a.ld, a.out + k);
+      acc_t<S> out[4];
+      dot4<S>(g, a.xt + c0 * a.ld, a.xt + c1 * a.ld, a.xt + c2 * a.ld, a.xt + c3 * a.ld, a.ld,
+              out);
+      for (int64_t i = 0; i < 4; ++i) a.out[k + i] = narrow<S>(out[i]);
     }
     for (; k < end; ++k) {
       const int64_t c = a.col[k];
       if (c < 0 || c >= a.n_in) {
         if (err.pos < 0) err.pos = k;
-        a.out[k] = S(0);
+        a.out[k] = S{};
         continue;
       }
-      a.out[k] = dot_padded<S>(g, a.xt + c * a.ld, a.ld);
+      a.out[k] = narrow<S>(dot<S>(g, a.xt + c * a.ld, a.ld));
     }
   }
 }
@@ -270,16 +591,56 @@ inline void micro_transpose(const double* src, int64_t lds, double* dst, int64_t
   if (dst_rows > 2) _mm256_storeu_pd(dst + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
   if (dst_rows > 3) _mm256_storeu_pd(dst + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
 }
+// 16-bit elements: an 8 x 8 tile of 16-byte rows (SSE2 unpacks; partial tiles as above).
+inline void micro_transpose16(const uint16_t* src, int64_t lds, uint16_t* dst, int64_t ldd,
+                              int64_t src_rows, int64_t dst_rows) {
+  __m128i r[8];
+  for (int i = 0; i < 8; ++i) {
+    r[i] = i < src_rows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * lds))
+                        : _mm_setzero_si128();
+  }
+  __m128i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {  // t[2i] = a0 b0 a1 b1 a2 b2 a3 b3 for rows a, b = 2i, 2i + 1
+    t[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // u[4h + ...]: rows 4h .. 4h + 3, columns in pairs
+    u[4 * h] = _mm_unpacklo_epi32(t[4 * h], t[4 * h + 2]);      // columns 0, 1
+    u[4 * h + 1] = _mm_unpackhi_epi32(t[4 * h], t[4 * h + 2]);  // columns 2, 3
+    u[4 * h + 2] = _mm_unpacklo_epi32(t[4 * h + 1], t[4 * h + 3]);  // columns 4, 5
+    u[4 * h + 3] = _mm_unpackhi_epi32(t[4 * h + 1], t[4 * h + 3]);  // columns 6, 7
+  }
+  for (int j = 0; j < 4; ++j) {  // column 2j from the low halves, 2j + 1 from the high ones
+    if (2 * j < dst_rows) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * j * ldd),
+                       _mm_unpacklo_epi64(u[j], u[4 + j]));
+    }
+    if (2 * j + 1 < dst_rows) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * j + 1) * ldd),
+                       _mm_unpackhi_epi64(u[j], u[4 + j]));
+    }
+  }
+}
+inline void micro_transpose(const bf16* src, int64_t lds, bf16* dst, int64_t ldd,
+                            int64_t src_rows = 8, int64_t dst_rows = 8) {
+  micro_transpose16(reinterpret_cast<const uint16_t*>(src), lds,
+                    reinterpret_cast<uint16_t*>(dst), ldd, src_rows, dst_rows);
+}
+inline void micro_transpose(const fp16* src, int64_t lds, fp16* dst, int64_t ldd,
+                            int64_t src_rows = 8, int64_t dst_rows = 8) {
+  micro_transpose16(reinterpret_cast<const uint16_t*>(src), lds,
+                    reinterpret_cast<uint16_t*>(dst), ldd, src_rows, dst_rows);
+}
 template <typename S>
 constexpr int64_t micro_side() {
-  return 32 / static_cast<int64_t>(sizeof(S));
+  return sizeof(S) == 2 ? 8 : 32 / static_cast<int64_t>(sizeof(S));
 }
 #else
 template <typename S>
 inline void micro_transpose(const S* src, int64_t lds, S* dst, int64_t ldd, int64_t src_rows = 4,
                             int64_t dst_rows = 4) {
   for (int64_t j = 0; j < dst_rows; ++j) {
-    for (int64_t i = 0; i < 4; ++i) dst[j * ldd + i] = i < src_rows ? src[i * lds + j] : S(0);
+    for (int64_t i = 0; i < 4; ++i) dst[j * ldd + i] = i < src_rows ? src[i * lds + j] : S{};
   }
 }
 template <typename S>
@@ -321,6 +682,16 @@ struct FloatBits<double> {
   typedef uint64_t U;
   static constexpr U exponent = 0x7ff0000000000000ull;
 };
+template <>
+struct FloatBits<bf16> {
+  typedef uint16_t U;
+  static constexpr U exponent = 0x7f80u;
+};
+template <>
+struct FloatBits<fp16> {
+  typedef uint16_t U;
+  static constexpr U exponent = 0x7c00u;
+};
 
 // Whether any of p[0, n) is NaN or +-Inf: integer tests on the bits, branch-free so that the
 // loop vectorizes (a floating-point test could be folded away or would need ordered compares).
@@ -359,7 +730,7 @@ bool transpose_pad(const S* x, int64_t batch, int64_t n, int64_t ld, S* xt, int6
     }
     for (int64_t i = p; i < pe; ++i) {  // padding the tiles above did not cover
       const int64_t from = (b <= ld && (pe - p) % M == 0) ? b : batch;
-      for (int64_t c = from; c < ld; ++c) xt[i * ld + c] = S(0);
+      for (int64_t c = from; c < ld; ++c) xt[i * ld + c] = S{};
     }
     // the panel's rows of xt are in L1 now: the non-finite test costs no memory traffic
     for (int64_t i = p; i < pe && !nonfinite; ++i) nonfinite = any_nonfinite<S>(xt + i * ld, batch);
@@ -402,5 +773,11 @@ template KernelTable<float, int32_t> kernel_table<float, int32_t>();
 template KernelTable<float, int64_t> kernel_table<float, int64_t>();
 template KernelTable<double, int32_t> kernel_table<double, int32_t>();
 template KernelTable<double, int64_t> kernel_table<double, int64_t>();
+template KernelTable<bf16, int32_t> kernel_table<bf16, int32_t>();
+template KernelTable<bf16, int64_t> kernel_table<bf16, int64_t>();
+template KernelTable<fp16, int32_t> kernel_table<fp16, int32_t>();
+template KernelTable<fp16, int64_t> kernel_table<fp16, int64_t>();
 template TransposeTable<float> transpose_table<float>();
 template TransposeTable<double> transpose_table<double>();
+template TransposeTable<bf16> transpose_table<bf16>();
+template TransposeTable<fp16> transpose_table<fp16>();

@@ -74,8 +74,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward_cpu(
   if (values_grad) {
     const int64_t ld = [&] {
       int64_t out = 0;
-      AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "torch_nerva",
-                                 [&] { out = padded_ld<scalar_t>(batch); });
+      TORCH_NERVA_DISPATCH_VALUES(values.scalar_type(), "torch_nerva",
+                                  [&] { out = padded_ld<kernel_t<scalar_t>>(batch); });
       return out;
     }();
     TORCH_CHECK(xt.dim() == 2 && xt.size(0) == crow_t.numel() - 1 && xt.size(1) == ld, op,

@@ -10,6 +10,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 namespace torch_nerva {
 namespace cpu {
 namespace {
@@ -28,17 +30,19 @@ at::Tensor spmm_feature_major(const char* op, const at::Tensor& xt, int64_t batc
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   const at::Tensor perm_c = perm.defined() ? perm.contiguous() : perm;
   const at::Tensor bias_c = bias.defined() ? bias.contiguous() : bias;
-  AT_DISPATCH_FLOATING_TYPES(xt.scalar_type(), "torch_nerva", [&] {
+  TORCH_NERVA_DISPATCH_VALUES(xt.scalar_type(), "torch_nerva", [&] {
+    typedef kernel_t<scalar_t> S;
     AT_DISPATCH_INDEX_TYPES(crow.scalar_type(), "torch_nerva", [&] {
       const index_t* crow_p = crow_c.data_ptr<index_t>();
       check_row_pointer_ends(op, crow_p, n_out, n_pos);
-      SpmmArgs<scalar_t, index_t> args{
-          xt.data_ptr<scalar_t>(), batch, xt.size(1), n_in, vals.data_ptr<scalar_t>(),
+      SpmmArgs<S, index_t> args{
+          kernel_data<scalar_t>(xt), batch, xt.size(1), n_in, kernel_data<scalar_t>(vals),
           vals.numel(), crow_p, col_c.data_ptr<index_t>(),
           perm_c.defined() ? perm_c.data_ptr<index_t>() : nullptr,
-          bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, n_out,
-          yt.data_ptr<scalar_t>(), clamp, static_cast<scalar_t>(lo), static_cast<scalar_t>(hi)};
-      const auto fn = kernels<scalar_t, index_t>().spmm;
+          bias_c.defined() ? kernel_data<scalar_t>(bias_c) : nullptr, n_out,
+          kernel_data<scalar_t>(yt), clamp, static_cast<acc_t<S>>(lo),
+          static_cast<acc_t<S>>(hi)};
+      const auto fn = kernels<S, index_t>().spmm;
       KernelError err;
       parallel_rows(crow_p, n_out, batch, err,
                     [&](int64_t r0, int64_t r1, KernelError& e) { fn(args, r0, r1, e); });
@@ -64,15 +68,15 @@ at::Tensor sddmm_transposed(const char* op, const at::Tensor& gt, const at::Tens
   at::Tensor out = at::empty({nnz}, xt.options());
   if (nnz == 0) return out;
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(xt.scalar_type(), "torch_nerva", [&] {
+  TORCH_NERVA_DISPATCH_VALUES(xt.scalar_type(), "torch_nerva", [&] {
+    typedef kernel_t<scalar_t> S;
     AT_DISPATCH_INDEX_TYPES(crow.scalar_type(), "torch_nerva", [&] {
       const index_t* crow_p = crow_c.data_ptr<index_t>();
       check_row_pointer_ends(op, crow_p, n_out, nnz);
-      SddmmArgs<scalar_t, index_t> args{gt.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(),
-                                        xt.size(1), xt.size(0), crow_p,
-                                        col_c.data_ptr<index_t>(), n_out,
-                                        out.data_ptr<scalar_t>()};
-      const auto fn = kernels<scalar_t, index_t>().sddmm;
+      SddmmArgs<S, index_t> args{kernel_data<scalar_t>(gt), kernel_data<scalar_t>(xt),
+                                 xt.size(1), xt.size(0), crow_p, col_c.data_ptr<index_t>(),
+                                 n_out, kernel_data<scalar_t>(out)};
+      const auto fn = kernels<S, index_t>().sddmm;
       KernelError err;
       parallel_rows(crow_p, n_out, xt.size(1), err,
                     [&](int64_t r0, int64_t r1, KernelError& e) { fn(args, r0, r1, e); });
@@ -94,7 +98,7 @@ void check_spmm_args(const char* op, const at::Tensor& x, const at::Tensor& valu
                                {"perm", perm.has_value() ? &*perm : &no_tensor},
                                {"bias", bias.has_value() ? &*bias : &no_tensor}});
   check_index_pair(op, crow, col);
-  check_values(op, values, x, "x");
+  check_values(op, values, x, "x", /*low_precision=*/true);
   const int64_t n_out = crow.numel() - 1, n_pos = col.numel();
   if (perm.has_value()) {
     TORCH_CHECK(perm->dim() == 1 && perm->numel() == n_pos, op,
@@ -139,7 +143,8 @@ at::Tensor csr_spmm_fm_cpu(const at::Tensor& xt, const at::Tensor& values, const
   TORCH_CHECK(lo.has_value() == hi.has_value() && (!lo.has_value() || *lo <= *hi), op,
               ": give both lo and hi (lo <= hi) or neither");
   const int64_t ld = xt.size(1);
-  const int64_t lanes = 64 / static_cast<int64_t>(xt.element_size());
+  // the padding unit of kernels.h: a 64-byte vector of the accumulation type
+  const int64_t lanes = 64 / std::max<int64_t>(4, xt.element_size());
   TORCH_CHECK(ld < lanes || ld % lanes == 0, op, ": xt's columns must be fewer than ", lanes,
               " or a multiple of it (pad with zero columns), got ", ld);
   return spmm_feature_major(op, xt, ld, values, crow, col, at::Tensor(),
@@ -159,8 +164,9 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
   check_index_pair(op, crow, col);
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out has dtype ",
               grad_out.scalar_type(), " but x has dtype ", x.scalar_type());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": only float32 and float64 are supported, got ", x.scalar_type());
+  TORCH_CHECK(native_value_type(x.scalar_type()), op,
+              ": only float32, float64, bfloat16 and float16 are supported, got ",
+              x.scalar_type());
   TORCH_CHECK(grad_out.size(1) == crow.numel() - 1, op, ": grad_out has ", grad_out.size(1),
               " columns but the layout has ", crow.numel() - 1, " rows");
   return sddmm_transposed(op, transpose_padded(grad_out), transpose_padded(x), crow, col);

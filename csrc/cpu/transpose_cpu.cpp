@@ -2,6 +2,7 @@
 // per-ISA transpose kernels.
 #include "transpose.h"
 
+#include "common.h"
 #include "isa.h"
 
 #include <ATen/Dispatch.h>
@@ -25,18 +26,19 @@ at::Tensor transpose_padded(const at::Tensor& x, bool* nonfinite) {
   const at::Tensor xc = x.contiguous();
   const int64_t batch = xc.size(0), n = xc.size(1);
   at::Tensor xt;
-  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "torch_nerva", [&] {
-    const int64_t ld = padded_ld<scalar_t>(batch);
+  TORCH_NERVA_DISPATCH_VALUES(xc.scalar_type(), "torch_nerva", [&] {
+    typedef kernel_t<scalar_t> S;
+    const int64_t ld = padded_ld<S>(batch);
     xt = at::empty({n, ld}, xc.options());
     if (n == 0 || ld == 0) return;
-    const auto table = transposes<scalar_t>();
-    const scalar_t* src = xc.data_ptr<scalar_t>();
+    const auto table = transposes<S>();
+    const S* src = kernel_data<scalar_t>(xc);
     if (batch == 1) {  // (1 x n) and (n x 1) share one memory order
       xt.view({1, n}).copy_(xc);
       if (nonfinite) *nonfinite = table.any_nonfinite(src, n);
       return;
     }
-    scalar_t* dst = xt.data_ptr<scalar_t>();
+    S* dst = kernel_data<scalar_t>(xt);
     std::atomic<bool> found{false};
     at::parallel_for(0, n, transpose_grain(ld), [&](int64_t i0, int64_t i1) {
       if (table.transpose_pad(src, batch, n, ld, dst, i0, i1)) {
@@ -53,10 +55,11 @@ at::Tensor untranspose(const at::Tensor& yt, int64_t batch) {
   if (batch == 1) return yt.view({1, n});  // fresh tensor, same memory order
   at::Tensor y = at::empty({batch, n}, yt.options());
   if (n == 0 || batch == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES(yt.scalar_type(), "torch_nerva", [&] {
-    const auto fn = transposes<scalar_t>().untranspose;
-    const scalar_t* src = yt.data_ptr<scalar_t>();
-    scalar_t* dst = y.data_ptr<scalar_t>();
+  TORCH_NERVA_DISPATCH_VALUES(yt.scalar_type(), "torch_nerva", [&] {
+    typedef kernel_t<scalar_t> S;
+    const auto fn = transposes<S>().untranspose;
+    const S* src = kernel_data<scalar_t>(yt);
+    S* dst = kernel_data<scalar_t>(y);
     at::parallel_for(0, n, transpose_grain(ld), [&](int64_t i0, int64_t i1) {
       fn(src, batch, n, ld, dst, i0, i1);
     });

@@ -10,7 +10,14 @@
 //   dvalues  (dY^T X) at W's pattern  cusparseSDDMM, dY row-major with opA = transpose
 //
 // Handle from ATen's pool (bound to the current stream), workspace from the caching allocator,
-// CUSPARSE_SPMM_ALG_DEFAULT and CUSPARSE_SDDMM_ALG_DEFAULT. Index tensors are validated on the
+// CUSPARSE_SPMM_ALG_DEFAULT and CUSPARSE_SDDMM_ALG_DEFAULT.
+//
+// Value types: float32 and float64 (computed in their own precision), bfloat16 and float16
+// (CUDA_R_16BF / CUDA_R_16F data, CUDA_R_32F compute type: products accumulated in float32 and
+// rounded once to the 16-bit output; the bias enters the same accumulation through beta = 1).
+// Where cuSPARSE reports a 16-bit combination as not supported (CUSPARSE_STATUS_NOT_SUPPORTED:
+// it depends on the GPU and the CUDA version), the product is computed on float32 copies and
+// rounded once to the 16-bit type: the same result up to the summation order. Index tensors are validated on the
 // device before cuSPARSE reads them (one synchronising check per call): a malformed layout
 // raises instead of faulting the GPU.
 #ifdef TORCH_NERVA_WITH_CUDA
@@ -41,10 +48,24 @@ const char* cusparse_error(cusparseStatus_t s) { return cusparseGetErrorString(s
   } while (0)
 
 cudaDataType value_type(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              "torch_nerva (cuSPARSE): only float32 and float64 are supported, got ",
-              t.scalar_type());
-  return t.scalar_type() == at::kFloat ? CUDA_R_32F : CUDA_R_64F;
+  switch (t.scalar_type()) {
+    case at::kFloat: return CUDA_R_32F;
+    case at::kDouble: return CUDA_R_64F;
+    case at::kBFloat16: return CUDA_R_16BF;
+    case at::kHalf: return CUDA_R_16F;
+    default:
+      TORCH_CHECK(false, "torch_nerva (cuSPARSE): only float32, float64, bfloat16 and float16 "
+                  "are supported, got ", t.scalar_type());
+  }
+}
+
+// float64 computes in float64; float32, bfloat16 and float16 in float32.
+cudaDataType compute_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? CUDA_R_64F : CUDA_R_32F;
+}
+
+bool low_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
 
 cusparseIndexType_t index_type(const at::Tensor& t) {
@@ -112,47 +133,56 @@ DnMat dense(const at::Tensor& t, int64_t rows, int64_t cols, int64_t ld, cuspars
   return m;
 }
 
-// alpha = 1 and beta = 0 in the compute type of x (host pointers, cuSPARSE's default mode).
-struct OneZero {
+// alpha = 1 and beta = 0 or 1 in the compute type of x (host pointers, cuSPARSE's default
+// mode).
+struct Scalars {
   double one_d = 1.0, zero_d = 0.0;
   float one_f = 1.0f, zero_f = 0.0f;
   const void* one;
   const void* zero;
-  explicit OneZero(const at::Tensor& x) {
-    const bool f32 = x.scalar_type() == at::kFloat;
-    one = f32 ? static_cast<const void*>(&one_f) : &one_d;
-    zero = f32 ? static_cast<const void*>(&zero_f) : &zero_d;
+  explicit Scalars(const at::Tensor& x) {
+    const bool f64 = x.scalar_type() == at::kDouble;
+    one = f64 ? static_cast<const void*>(&one_d) : &one_f;
+    zero = f64 ? static_cast<const void*>(&zero_d) : &zero_f;
   }
-  OneZero(const OneZero&) = delete;  // the pointers point into this object
+  Scalars(const Scalars&) = delete;  // the pointers point into this object
 };
 
-// y (batch x n_rows) = x (batch x n_cols) W^T for W (n_rows x n_cols) in CSR, + bias.
+// y (batch x n_rows) = x (batch x n_cols) W^T for W (n_rows x n_cols) in CSR, + bias. The bias
+// is the initial value of y (beta = 1), so it is summed in the compute type with the products.
 at::Tensor spmm(const char* op, const at::Tensor& x, const at::Tensor& values,
                 const at::Tensor& crow, const at::Tensor& col, const at::Tensor& bias) {
   const int64_t batch = x.size(0), n_cols = x.size(1), n_rows = crow.numel() - 1;
   at::Tensor y = at::empty({batch, n_rows}, x.options());
   if (batch == 0 || n_rows == 0) return y;
   if (col.numel() == 0 || n_cols == 0) {
-    y.zero_();
-  } else {
-    const at::Tensor xc = x.contiguous(), vc = values.contiguous();
-    SpMat a = csr(crow, col, vc, n_rows, n_cols);
-    DnMat b = dense(xc, n_cols, batch, n_cols, CUSPARSE_ORDER_COL);
-    DnMat c = dense(y, n_rows, batch, n_rows, CUSPARSE_ORDER_COL);
-    cusparseHandle_t handle = at::cuda::getCurrentCUDASparseHandle();
-    const OneZero scalars(x);
-    const void* alpha = scalars.one;
-    const void* beta = scalars.zero;
-    size_t bytes = 0;
-    TN_CUSPARSE_CHECK(cusparseSpMM_bufferSize(
-        handle, CUSPARSE_OPERATION_NON_TRANSPOSE, CUSPARSE_OPERATION_NON_TRANSPOSE, alpha, a.d,
-        b.d, beta, c.d, value_type(x), CUSPARSE_SPMM_ALG_DEFAULT, &bytes));
-    auto workspace = c10::cuda::CUDACachingAllocator::get()->allocate(bytes);
-    TN_CUSPARSE_CHECK(cusparseSpMM(handle, CUSPARSE_OPERATION_NON_TRANSPOSE,
-                                   CUSPARSE_OPERATION_NON_TRANSPOSE, alpha, a.d, b.d, beta, c.d,
-                                   value_type(x), CUSPARSE_SPMM_ALG_DEFAULT, workspace.get()));
+    if (bias.defined()) return y.copy_(bias.expand({batch, n_rows}));
+    return y.zero_();
   }
-  if (bias.defined()) y.add_(bias);
+  const at::Tensor xc = x.contiguous(), vc = values.contiguous();
+  SpMat a = csr(crow, col, vc, n_rows, n_cols);
+  DnMat b = dense(xc, n_cols, batch, n_cols, CUSPARSE_ORDER_COL);
+  if (bias.defined()) y.copy_(bias.expand({batch, n_rows}));
+  DnMat c = dense(y, n_rows, batch, n_rows, CUSPARSE_ORDER_COL);
+  cusparseHandle_t handle = at::cuda::getCurrentCUDASparseHandle();
+  const Scalars scalars(x);
+  const void* alpha = scalars.one;
+  const void* beta = bias.defined() ? scalars.one : scalars.zero;
+  size_t bytes = 0;
+  const cusparseStatus_t status = cusparseSpMM_bufferSize(
+      handle, CUSPARSE_OPERATION_NON_TRANSPOSE, CUSPARSE_OPERATION_NON_TRANSPOSE, alpha, a.d,
+      b.d, beta, c.d, compute_type(x), CUSPARSE_SPMM_ALG_DEFAULT, &bytes);
+  if (status == CUSPARSE_STATUS_NOT_SUPPORTED && low_precision(x)) {  // see the file comment
+    return spmm(op, xc.to(at::kFloat), vc.to(at::kFloat), crow, col,
+                bias.defined() ? bias.to(at::kFloat) : bias)
+        .to(x.scalar_type());
+  }
+  TORCH_CHECK(status == CUSPARSE_STATUS_SUCCESS, "torch_nerva (cuSPARSE): cusparseSpMM_bufferSize "
+              "failed: ", cusparse_error(status));
+  auto workspace = c10::cuda::CUDACachingAllocator::get()->allocate(bytes);
+  TN_CUSPARSE_CHECK(cusparseSpMM(handle, CUSPARSE_OPERATION_NON_TRANSPOSE,
+                                 CUSPARSE_OPERATION_NON_TRANSPOSE, alpha, a.d, b.d, beta, c.d,
+                                 compute_type(x), CUSPARSE_SPMM_ALG_DEFAULT, workspace.get()));
   return y;
 }
 
@@ -167,17 +197,22 @@ at::Tensor sddmm(const char* op, const at::Tensor& grad, const at::Tensor& x,
   DnMat a = dense(gc, batch, n_rows, n_rows, CUSPARSE_ORDER_ROW);  // dY, used transposed
   DnMat b = dense(xc, batch, n_cols, n_cols, CUSPARSE_ORDER_ROW);
   cusparseHandle_t handle = at::cuda::getCurrentCUDASparseHandle();
-  const OneZero scalars(x);
+  const Scalars scalars(x);
   const void* alpha = scalars.one;
   const void* beta = scalars.zero;
   size_t bytes = 0;
-  TN_CUSPARSE_CHECK(cusparseSDDMM_bufferSize(
+  const cusparseStatus_t status = cusparseSDDMM_bufferSize(
       handle, CUSPARSE_OPERATION_TRANSPOSE, CUSPARSE_OPERATION_NON_TRANSPOSE, alpha, a.d, b.d,
-      beta, c.d, value_type(x), CUSPARSE_SDDMM_ALG_DEFAULT, &bytes));
+      beta, c.d, compute_type(x), CUSPARSE_SDDMM_ALG_DEFAULT, &bytes);
+  if (status == CUSPARSE_STATUS_NOT_SUPPORTED && low_precision(x)) {  // see the file comment
+    return sddmm(op, gc.to(at::kFloat), xc.to(at::kFloat), crow, col).to(x.scalar_type());
+  }
+  TORCH_CHECK(status == CUSPARSE_STATUS_SUCCESS, "torch_nerva (cuSPARSE): cusparseSDDMM_bufferSize "
+              "failed: ", cusparse_error(status));
   auto workspace = c10::cuda::CUDACachingAllocator::get()->allocate(bytes);
   TN_CUSPARSE_CHECK(cusparseSDDMM(handle, CUSPARSE_OPERATION_TRANSPOSE,
                                   CUSPARSE_OPERATION_NON_TRANSPOSE, alpha, a.d, b.d, beta, c.d,
-                                  value_type(x), CUSPARSE_SDDMM_ALG_DEFAULT, workspace.get()));
+                                  compute_type(x), CUSPARSE_SDDMM_ALG_DEFAULT, workspace.get()));
   return out;
 }
 
