@@ -587,3 +587,26 @@ def test_compare_autocast_config_errors(tmp_path, capsys):
     assert compare.main(["--config", str(path), "--autocast", "fp16", "--no-plots",
                          "--out", str(tmp_path / "o")]) == 2
     assert "needs dtype" in capsys.readouterr().err
+
+
+def test_benchmark_script_runs_and_checks_each_dtype(tmp_path):
+    import csv
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mixed_precision as bench
+
+    assert bench.main(["--in-features", "64", "--out-features", "32", "--batch", "20",
+                       "--densities", "0.1", "0.5", "--reps", "3", "--burst", "1",
+                       "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "mixed_precision.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["density"], r["dtype"]) for r in rows] == [
+        (d, t) for d in ("0.1", "0.5") for t in ("f32", "bf16", "f16")]
+    limit = {"f32": 1e-6, "bf16": 2 * UNIT[torch.bfloat16], "f16": 2 * UNIT[torch.float16]}
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["p90_ms"]) >= float(r["median_ms"])
+        assert float(r["max_rel_err"]) < limit[r["dtype"]]
+        assert r["isa"] == ops.kernel_isa()
+    assert all(float(r["ratio_to_f32"]) == 1.0 for r in rows if r["dtype"] == "f32")
