@@ -16,6 +16,7 @@ eta = 2^-25 for float16, 2^-133 for bfloat16 (half its smallest subnormal). No t
 covers a second rounding: a kernel that rounded partial sums to 16 bits would fail.
 """
 import copy
+import json
 import math
 
 import pytest
@@ -506,3 +507,106 @@ def test_autocast_with_torch_compile_aot_eager(low):
         assert g_c.dtype == torch.float32
         torch.testing.assert_close(g, g_c, rtol=0, atol=0)
     assert math.isfinite(float(y_c.detach().float().sum()))
+
+
+# ---- the comparison command's autocast option ------------------------------------------------
+
+AUTOCAST_CONFIG = """
+[[experiment]]
+kind = "density"
+name = "amp"
+dataset = "synthetic-digits"
+train_samples = 200
+test_samples = 50
+hidden = [32]
+densities = [1.0, 0.2]
+epochs = 1
+batch_size = 50
+check_steps = 2
+inference_calls = 2
+autocast = "{autocast}"
+dtype = "{dtype}"
+
+[[experiment]]
+kind = "depth"
+dataset = "synthetic-digits"
+depths = [1]
+width = 32
+density = 0.2
+steps = 1
+train_samples = 100
+test_samples = 10
+samples_per_epoch = 100
+"""
+
+
+def test_compare_autocast_option_is_recorded(tmp_path):
+    from torch_nerva import compare
+    from torch_nerva.compare import experiments
+
+    path = tmp_path / "amp.toml"
+    path.write_text(AUTOCAST_CONFIG.format(autocast="fp16", dtype="float32"))
+    out = tmp_path / "out"
+    # the command line overrides the config's key for every experiment
+    assert compare.main(["--config", str(path), "--out", str(out), "--no-plots",
+                         "--autocast", "bf16"]) == 0
+    for name in ("amp", "depth"):
+        doc = json.loads((out / f"{name}.json").read_text())
+        assert doc["experiment"]["autocast"] == doc["meta"]["autocast"] == "bf16"
+        assert all(r["autocast"] == "bf16" for r in doc["rows"])
+    rows = json.loads((out / "amp.json").read_text())["rows"]
+    assert [r["density"] for r in rows] == [1.0, 0.2]
+    for r in rows:
+        assert r["csr_s_per_epoch"] > 0 and r["mask_s_per_epoch"] > 0
+        assert 0 <= r["best_acc_csr"] <= 1 and math.isfinite(r["loss_drift"])
+    # the wrapper runs the forward in the autocast dtype: logits are bfloat16 numbers
+    gen = torch.Generator().manual_seed(0)
+    masked, csr = experiments.build_twins([24, 16, 5], 0.3, 0)
+    for model in (masked, csr):
+        wrapped = experiments.with_autocast(model, {"autocast": "bf16"})
+        out_ = wrapped(torch.randn(4, 24, generator=gen))
+        assert out_.dtype == torch.float32
+        assert torch.equal(out_, out_.to(torch.bfloat16).float())
+        assert next(model.parameters()).dtype == torch.float32
+    assert experiments.with_autocast(csr, {"autocast": "none"}) is csr
+
+
+def test_compare_autocast_config_errors(tmp_path, capsys):
+    from torch_nerva import compare
+    from torch_nerva.compare import config
+
+    path = tmp_path / "amp.toml"
+    path.write_text(AUTOCAST_CONFIG.format(autocast="fp32", dtype="float32"))
+    with pytest.raises(config.ConfigError, match="autocast must be one of"):
+        config.load(path)
+    path.write_text(AUTOCAST_CONFIG.format(autocast="bf16", dtype="float64"))
+    with pytest.raises(config.ConfigError, match="needs dtype"):
+        config.load(path)
+    path.write_text(AUTOCAST_CONFIG.format(autocast="none", dtype="float64"))
+    assert [e["autocast"] for e in config.load(path)["experiments"]] == ["none", "none"]
+    assert compare.main(["--config", str(path), "--autocast", "fp16", "--no-plots",
+                         "--out", str(tmp_path / "o")]) == 2
+    assert "needs dtype" in capsys.readouterr().err
+
+
+def test_benchmark_script_runs_and_checks_each_dtype(tmp_path):
+    import csv
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mixed_precision as bench
+
+    assert bench.main(["--in-features", "64", "--out-features", "32", "--batch", "20",
+                       "--densities", "0.1", "0.5", "--reps", "3", "--burst", "1",
+                       "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "mixed_precision.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["density"], r["dtype"]) for r in rows] == [
+        (d, t) for d in ("0.1", "0.5") for t in ("f32", "bf16", "f16")]
+    limit = {"f32": 1e-6, "bf16": 2 * UNIT[torch.bfloat16], "f16": 2 * UNIT[torch.float16]}
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["p90_ms"]) >= float(r["median_ms"])
+        assert float(r["max_rel_err"]) < limit[r["dtype"]]
+        assert r["isa"] == ops.kernel_isa()
+    assert all(float(r["ratio_to_f32"]) == 1.0 for r in rows if r["dtype"] == "f32")

@@ -18,6 +18,12 @@ The ops (schemas in ``csrc/torch_nerva.cpp``):
 
 The kernels check every index they read (a malformed layout raises, it is never read out of
 bounds); sortedness and duplicates are checked by ``csr_check`` when a layout is built.
+
+Value types (``x``, ``values``, ``bias``, ``grad``: one dtype per call): float32, float64, and
+bfloat16 / float16 stored in 16 bits and accumulated in float32, every output rounded once to
+the input dtype (``mkl_spmm`` and ``sparse_chain``: float32 and float64 only). Under
+``torch.autocast`` ``sparse_linear`` and ``csr_spmm`` cast their floating inputs to the
+region's dtype, like ``aten::linear`` (csrc/autocast.cpp; docs/mixed_precision.md).
 """
 from typing import List, Optional, Tuple
 

@@ -10,6 +10,10 @@ CSV and JSON results with environment metadata and PNG plots go to ``--out`` (de
 Without ``--config`` the quick configuration ``configs/quick.toml`` runs (a few minutes on two
 cores, offline: CIFAR-10 when it is in ``data/`` or can be downloaded, else a synthetic
 CIFAR-shaped set for timing, plus scikit-learn's bundled digits for a real accuracy check).
+
+``--autocast bf16|fp16`` (or an experiment's ``autocast`` key) runs both twins' forward passes
+under ``torch.autocast("cpu", dtype)`` with float32 weights (docs/mixed_precision.md); every
+result row, the experiment and the run metadata record it.
 """
 from __future__ import annotations
 
@@ -47,6 +51,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="run only the experiments with these names")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for every experiment (overrides the config)")
+    parser.add_argument("--autocast", choices=config_mod.AUTOCAST, default=None,
+                        help="run both twins' forward passes under torch.autocast('cpu', "
+                             "bfloat16 or float16), for every experiment (overrides the "
+                             "config's autocast key; needs dtype float32)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--plot-only", type=Path, default=None, metavar="DIR",
                         help="only redraw the plots of the results saved in DIR")
@@ -64,8 +72,9 @@ def _plots(docs, out: Path) -> None:
 
 
 def run_config(cfg, out: Path, only=None, threads: Optional[int] = None,
-               plots: bool = True, log=print) -> list:
-    """Run every experiment of a parsed config; returns the saved documents."""
+               plots: bool = True, log=print, autocast: Optional[str] = None) -> list:
+    """Run every experiment of a parsed config; returns the saved documents. ``autocast``
+    ("none", "bf16" or "fp16") overrides every experiment's ``autocast`` key."""
     docs = []
     names = {e["name"] for e in cfg["experiments"]}
     if only:
@@ -73,6 +82,16 @@ def run_config(cfg, out: Path, only=None, threads: Optional[int] = None,
         if missing:
             raise ConfigError(f"--only: no experiments named {sorted(missing)} (the config has "
                               f"{sorted(names)})")
+    if autocast is not None:
+        if autocast not in config_mod.AUTOCAST:
+            raise ConfigError(f"--autocast must be one of {', '.join(config_mod.AUTOCAST)}, "
+                              f"got {autocast!r}")
+        bad = [e["name"] for e in cfg["experiments"]
+               if autocast != "none" and e["dtype"] != "float32"]
+        if bad:
+            raise ConfigError(f"--autocast {autocast} needs dtype = \"float32\"; experiments "
+                              f"{bad} use another dtype")
+        cfg = dict(cfg, experiments=[dict(e, autocast=autocast) for e in cfg["experiments"]])
     default_threads = torch.get_num_threads()
     for exp in cfg["experiments"]:
         if only and exp["name"] not in only:
@@ -82,14 +101,17 @@ def run_config(cfg, out: Path, only=None, threads: Optional[int] = None,
         data = load_data(exp["dataset"], Path(exp["data_dir"]), exp["download"],
                          exp["train_samples"], exp["test_samples"])
         data.dtype = getattr(torch, exp["dtype"])
+        amp = exp.get("autocast", "none")
         log(f"== {exp['name']} ({exp['kind']}) | dataset {data.name} ({data.train_size} train / "
-            f"{data.y_test.numel()} test) | {n_threads} threads | {cpu_model()}")
+            f"{data.y_test.numel()} test) | {n_threads} threads | {cpu_model()}"
+            + ("" if amp == "none" else f" | autocast {amp}"))
         start = time.perf_counter()
         rows = RUNNERS[exp["kind"]](exp, data, log)
         meta = environment()
         meta.update(dataset=data.name, synthetic=data.synthetic, data_note=data.note,
                     train_samples=data.train_size, test_samples=int(data.y_test.numel()),
-                    seconds=time.perf_counter() - start, config_title=cfg["title"])
+                    seconds=time.perf_counter() - start, config_title=cfg["title"],
+                    autocast=amp)
         log(FORMATTERS[exp["kind"]](rows, exp, data.note))
         for path in write_results(out, exp, rows, meta):
             log(f"wrote {path}")
@@ -119,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = config_mod.load(path)
         out = args.out or Path("results") / "compare" / cfg["title"]
         print(f"config {path} -> {out}")
-        run_config(cfg, out, args.only, args.threads, not args.no_plots)
+        run_config(cfg, out, args.only, args.threads, not args.no_plots, autocast=args.autocast)
     except ConfigError as e:
         print(f"torch_nerva.compare: {e}", file=sys.stderr)
         return 2

@@ -49,7 +49,13 @@ _COMMON = {
     "seeds": [0],
     "threads": 0,              # 0 = the process setting
     "dtype": "float32",        # of weights and inputs; float64 makes the twins agree to ~1e-16
+    # "none", "bf16" or "fp16": both twins' forward passes (and evaluation, inference) run under
+    # torch.autocast("cpu", dtype) with float32 weights (dtype must be float32); the logits are
+    # returned in float32, so the loss is float32 as well
+    "autocast": "none",
 }
+
+AUTOCAST = ("none", "bf16", "fp16")
 
 DEFAULTS: Dict[str, Dict[str, Any]] = {
     "density": {
@@ -147,6 +153,11 @@ def _validate(exp: Dict[str, Any], where: str) -> None:
         _fail(where, f"distribution must be uniform, er or erk, got {exp['distribution']!r}")
     if exp["dtype"] not in ("float32", "float64"):
         _fail(where, f"dtype must be float32 or float64, got {exp['dtype']!r}")
+    if exp["autocast"] not in AUTOCAST:
+        _fail(where, f"autocast must be one of {', '.join(AUTOCAST)}, got {exp['autocast']!r}")
+    if exp["autocast"] != "none" and exp["dtype"] != "float32":
+        _fail(where, f"autocast = {exp['autocast']!r} needs dtype = \"float32\" (autocast "
+                     f"leaves float64 alone), got {exp['dtype']!r}")
     _check_positive_ints(where, "batch_size", exp["batch_size"])
     _check_positive_ints(where, "seeds", exp["seeds"], allow_zero=True)
     _check_positive_ints(where, "threads", exp["threads"], allow_zero=True)

@@ -62,6 +62,33 @@ def build_twins(sizes: Sequence[int], density: float, seed: int,
     return to_masked(csr), csr
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class AutocastForward(nn.Module):
+    """``module``'s forward under ``torch.autocast(device, dtype)``, logits returned in float32:
+    the ``autocast`` option. Only the forward runs in the region (backward and optimizer steps
+    outside, as PyTorch recommends); the weights stay float32 (``module`` holds them: its
+    layers, state dict and DST see them as usual)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module = module
+        self.dtype = dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            out = self.module(x)
+        return out.float()
+
+
+def with_autocast(model: Optional[nn.Module], exp: Dict[str, Any]) -> Optional[nn.Module]:
+    """``model`` wrapped in :class:`AutocastForward` when the experiment asks for autocast."""
+    if model is None or exp.get("autocast", "none") == "none":
+        return model
+    return AutocastForward(model, AUTOCAST_DTYPES[exp["autocast"]])
+
+
 def layer_nnz(model: nn.Module) -> List[int]:
     return [m.nnz for m in model.modules() if isinstance(m, (SparseLinear, MaskedLinear))]
 
@@ -178,7 +205,7 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
                 seed: int) -> Row:
     """Train the masked and CSR twins side by side on the same batches; one result row."""
     masked, csr = build_twins(sizes, density, seed, exp["distribution"], exp["dtype"])
-    twins = (masked, csr)
+    twins = (with_autocast(masked, exp), with_autocast(csr, exp))
     lr = lr_for(exp, density)
     optimizers = [make_optimizer(m, exp, lr) for m in twins]
     epochs = exp["epochs"]
@@ -253,7 +280,7 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
         bar.close()
     if w_drift is None and exp["check_steps"]:
         w_drift = weight_drift(masked, csr)  # the run was shorter than check_steps
-    infer = batch1_inference_us((*twins, densify(csr)), data.test_inputs(),
+    infer = batch1_inference_us((*twins, with_autocast(densify(csr), exp)), data.test_inputs(),
                                 exp["inference_calls"])
     x = data.prepare(data.x_train[: exp["batch_size"]])
     y = data.y_train[: exp["batch_size"]]
@@ -284,6 +311,7 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
         "peak_bytes_csr": peak[1],
         "disk_bytes_mask": disk_bytes(masked),
         "disk_bytes_csr": disk_bytes(csr),
+        "autocast": exp.get("autocast", "none"),
         "mask_epoch_s": epoch_times[0],
         "csr_epoch_s": epoch_times[1],
         "dst": exp["dst"],
@@ -316,7 +344,8 @@ def run_inference(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]
     for density in exp["densities"]:
         for seed in exp["seeds"]:
             masked, csr = build_twins(sizes, density, seed, exp["distribution"], exp["dtype"])
-            infer = batch1_inference_us((masked, csr, densify(csr)), x,
+            infer = batch1_inference_us([with_autocast(m, exp) for m in
+                                         (masked, csr, densify(csr))], x,
                                         exp["inference_calls"])
             rows.append({
                 "density": density, "seed": seed, "nnz": sum(layer_nnz(csr)),
@@ -325,6 +354,7 @@ def run_inference(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]
                 "param_bytes_mask": memory.model_bytes(masked),
                 "param_bytes_csr": memory.model_bytes(csr),
                 "disk_bytes_mask": disk_bytes(masked), "disk_bytes_csr": disk_bytes(csr),
+                "autocast": exp.get("autocast", "none"),
             })
             log(f"  density {density:g}: batch-1 mask {infer[0]:.1f} us, CSR {infer[1]:.1f} us, "
                 f"dense nn.Linear {infer[2]:.1f} us")
@@ -368,11 +398,13 @@ def run_depth(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) ->
     for depth in exp["depths"]:
         sizes = [data.in_features, *([exp["width"]] * depth), data.num_classes]
         masked, csr = build_twins(sizes, exp["density"], seed, exp["distribution"], exp["dtype"])
-        step_s = time_steps((masked, csr), exp, data, seed, f"depth {depth}")
+        step_s = time_steps((with_autocast(masked, exp), with_autocast(csr, exp)), exp, data,
+                            seed, f"depth {depth}")
         mask_s, csr_s = (_epoch_seconds(s, exp) for s in step_s)
         rows.append({"depth": depth, "width": exp["width"], "density": exp["density"],
                      "nnz": sum(layer_nnz(csr)), "mask_s_per_epoch": mask_s,
-                     "csr_s_per_epoch": csr_s, "speedup": ratio(mask_s, csr_s)})
+                     "csr_s_per_epoch": csr_s, "speedup": ratio(mask_s, csr_s),
+                     "autocast": exp.get("autocast", "none")})
         log(f"  depth {depth}: mask {_fmt_s(mask_s)} CSR {_fmt_s(csr_s)} per epoch")
     return rows
 
@@ -407,6 +439,7 @@ def run_width(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) ->
                          f"{budget / 2**30:.1f} GB")
         elif csr is not None:
             masked = to_masked(csr)
+        masked, csr = with_autocast(masked, exp), with_autocast(csr, exp)
         step_s = time_steps((masked, csr), exp, data, seed, f"width {width}")
         mask_s, csr_s = (_epoch_seconds(s, exp) for s in step_s)
         x = data.prepare(data.x_train[: exp["batch_size"]])
@@ -423,7 +456,8 @@ def run_width(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) ->
                    speedup=ratio(mask_s, csr_s),
                    param_bytes_csr=memory.model_bytes(csr) if csr is not None else None,
                    param_bytes_mask=memory.model_bytes(masked) if masked is not None else None,
-                   peak_bytes_mask=peaks[0], peak_bytes_csr=peaks[1], note="; ".join(notes))
+                   peak_bytes_mask=peaks[0], peak_bytes_csr=peaks[1], note="; ".join(notes),
+                   autocast=exp.get("autocast", "none"))
         rows.append(row)
         log(f"  width {width}: mask {_fmt_s(mask_s)} CSR {_fmt_s(csr_s)} per epoch"
             + (f" ({row['note']})" if notes else ""))
