@@ -78,6 +78,7 @@ CASES = [  # (out, in, density, batch, empty_rows, empty_cols)
     (12, 18, 0.0, 20, 0, 0),
     (64, 9, 0.6, 70, 10, 1),
     (5, 3, 0.7, 130, 1, 0),
+    (20, 300, 0.5, 1, 2, 10),  # batch 1 with long rows (the 4-way unrolled loop)
 ]
 
 
@@ -122,6 +123,31 @@ def test_raw_spmm_and_sddmm(low, isa, index_dtype, gen, case):
     got = ops.csr_sddmm(dy, x, layout.crow, layout.col)
     assert_rounded_once(got, (dy.double().t() @ xd)[mask],
                         (dy.double().abs().t() @ xd.abs())[mask], low, batch)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_malformed_layouts_raise_in_16_bits(low, isa, gen, batch):
+    # every index is checked as it is read on the 16-bit paths too (batch 1: the vector loop of
+    # four nonzeros at a time; 3: narrow rows; 40: row blocks)
+    layout, _ = random_layout(6, 40, 0.6, gen, torch.int64)
+    crow, col = layout.crow, layout.col
+    x = _rand((batch, 40), low, gen)
+    v = _rand((col.numel(),), low, gen)
+    for position in (1, 6, col.numel() - 1):
+        bad_col = col.clone()
+        bad_col[position] = 10**9
+        with pytest.raises(RuntimeError, match="column index out of range"):
+            ops.csr_spmm(x, v, crow, bad_col)
+        with pytest.raises(RuntimeError, match="column index out of range"):
+            ops.csr_sddmm(_rand((batch, 6), low, gen), x, crow, bad_col)
+    bad_crow = crow.clone()
+    bad_crow[2] = -5
+    with pytest.raises(RuntimeError, match="row pointer"):
+        ops.csr_spmm(x, v, bad_crow, col)
+    perm = torch.arange(col.numel())
+    perm[0] = col.numel() + 3
+    with pytest.raises(RuntimeError, match="perm index out of range"):
+        ops.csr_spmm(x, v, crow, col, perm)
 
 
 @pytest.mark.parametrize("batch", [1, 5, 16, 23, 64, 100])
