@@ -2,7 +2,7 @@
 
 | name | where | built |
 |---|---|---|
-| ``native`` | torch_nerva's OpenMP CSR kernels, CPU, float32/float64, int32/int64 indices | always |
+| ``native`` | torch_nerva's OpenMP CSR kernels, CPU, float32/float64 and bfloat16/float16 (float32 accumulation), int32/int64 indices | always |
 | ``torch`` | pure ``torch.sparse`` (CSR matmul, ``sampled_addmm``): a comparator | always |
 | ``dense`` | CSR storage, dense compute: the weight is scattered into a dense matrix for one matmul, and its gradient gathered at the nonzeros | always |
 | ``mkl`` | Intel MKL sparse BLAS | not yet (planned) |
