@@ -506,3 +506,24 @@ def test_masked_copy_does_not_disturb_the_original_hook_marker():
     w = layer.weight  # registers the gradient mask
     copy.deepcopy(layer)
     assert layer.__dict__["_grad_masked"] is w
+
+
+def test_compiled_code_reading_layer_weight_matches_eager():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x):
+            return F.linear(x, self.qkv.weight, self.qkv.bias).relu()
+
+    torch._dynamo.reset()
+    model = tn.sparsify(Block(), 0.3, generator=torch.Generator().manual_seed(0))
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 16)
+    out = torch.compile(model, backend="aot_eager")(x)
+    ref = twin(x)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(model.qkv.values.grad, twin.qkv.values.grad)
