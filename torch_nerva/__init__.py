@@ -1,7 +1,7 @@
 """torch_nerva: truly sparse linear layers for PyTorch.
 
-A :class:`SparseLinear` stores only its nonzero weights: a 1-D ``values`` parameter and a CSR
-topology (``crow_indices``, ``col_indices``) as buffers. Forward, input gradient and weight
+A :class:`SparseLinear` stores only its nonzero weights: a ``(1, nnz)`` ``values`` parameter and
+a CSR topology (``crow_indices``, ``col_indices``). Forward, input gradient and weight
 gradient are sparse kernels whose cost is proportional to ``nnz x batch``. A
 :class:`MaskedLinear` is the dense ``weight * mask`` baseline used by sparse-training papers,
 built from the same initial weights so the two can be compared in one process.

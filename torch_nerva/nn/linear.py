@@ -136,9 +136,12 @@ class SparseLinear(_LinearBase):
     r"""A drop-in for ``nn.Linear`` whose weight is stored in CSR form only.
 
     ``y = x W^T + b`` with W (out_features x in_features) holding ``nnz`` nonzeros. Trainable
-    parameters are exactly ``values`` (1-D, nnz) and ``bias``; the topology lives in the buffers
+    parameters are exactly ``values`` ((1, nnz), so that ``ndim < 2`` weight-decay rules treat it
+    as a weight; ``flat_values()`` is the 1-D view) and ``bias``; the topology is
     ``crow_indices`` (out_features + 1) and ``col_indices`` (nnz), sorted by row then column, int32
-    when it fits. The transpose used by the input gradient is cached in non-persistent buffers.
+    when it fits, plain tensor attributes saved in the state dict (not buffers: see
+    ``_TOPOLOGY``). The transpose used by the input gradient is cached beside them. ``weight`` is
+    a :class:`~torch_nerva.nn.weight.SparseWeight` for code written for ``nn.Linear``.
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
