@@ -1,4 +1,4 @@
-"""The busy machine: CSR against the masked twin, idle and with another process spinning on one core.
+"""The busy machine: CSR against its masked twin, idle and with a process spinning on one core.
 
     python benchmarks/busy.py                    # 2 threads, densities 0.001 0.01 0.1
 
