@@ -20,11 +20,13 @@ each case interleaved with its masked twin (benchmarks/common.py ``time_interlea
 
 The conditions alternate ``--rounds`` times (idle, loaded, idle, loaded, ...; a fresh busy
 process each loaded round) and the samples of a condition are pooled over the rounds. Printed
-and written (``--out``: busy.csv, one row per case x density x threads x condition x method,
-and busy.json with the run's metadata and every round's /proc/loadavg before and after, the
-busy process's CPU seconds and the machine's CPU utilisation): median and p90 per call, the
-ratio CSR / masked, the loaded / idle slowdown of each, the p90 over the idle median, and the
-speedup of ``--threads`` threads over 1 thread.
+and written (``--out``: busy.csv, one row per case x density x threads x condition x method;
+busy.json, the run's metadata with, per round, /proc/loadavg before and after, the busy
+process's CPU seconds, the machine's CPU utilisation and ``other_cpu_cores``, the CPU time
+that processes other than this one and its busy child took during the round, in cores: well
+above zero means the timings are contaminated): median and p90 per call, the ratio CSR /
+masked, the loaded / idle slowdown of each, the p90 over the idle median, and the speedup of
+``--threads`` threads over 1 thread.
 """
 from __future__ import annotations
 
@@ -328,6 +330,7 @@ def run(args: argparse.Namespace, log=print) -> Tuple[List[Dict[str, Any]], Dict
             block: Dict[str, Any] = dict(round=rnd, condition=condition,
                                          loadavg_before=read_loadavg())
             jiffies = machine_jiffies()
+            own_cpu0 = time.process_time()
             start = time.perf_counter()
             busy = BusyProcess(args.busy_core, args.busy_timeout) if condition == "loaded" \
                 else None
@@ -350,6 +353,7 @@ def run(args: argparse.Namespace, log=print) -> Tuple[List[Dict[str, Any]], Dict
                 if busy:
                     block["busy_alive_at_end"] = busy.running()
                     busy_cpu1 = busy.cpu_seconds()
+                    block["busy_cpu_total_s"] = busy_cpu1
                     if busy_cpu0 is not None and busy_cpu1 is not None:
                         block["busy_cpu_s"] = busy_cpu1 - busy_cpu0
                         block["busy_cpu_fraction"] = (block["busy_cpu_s"]
@@ -358,17 +362,25 @@ def run(args: argparse.Namespace, log=print) -> Tuple[List[Dict[str, Any]], Dict
                 if busy:
                     busy.stop()
             block["wall_s"] = time.perf_counter() - start
+            own_cpu = time.process_time() - own_cpu0
             block["loadavg_after"] = read_loadavg()
             end_jiffies = machine_jiffies()
             if jiffies and end_jiffies and end_jiffies[1] > jiffies[1]:
                 block["machine_busy_fraction"] = ((end_jiffies[0] - jiffies[0])
                                                   / (end_jiffies[1] - jiffies[1]))
+                # CPU time the machine spent on neither this process nor its busy child, in
+                # cores: the other work that ran during the block (the contamination).
+                machine_cpu = (end_jiffies[0] - jiffies[0]) / os.sysconf("SC_CLK_TCK")
+                block["other_cpu_cores"] = max(0.0, machine_cpu - own_cpu
+                                               - (block.get("busy_cpu_total_s") or 0.0)
+                                               ) / block["wall_s"]
             blocks.append(block)
             log(f"# round {rnd} {condition}: {block['wall_s']:.1f} s, load1 "
                 f"{_load1(block['loadavg_before'])} -> {_load1(block['loadavg_after'])}"
                 + (f", busy process {block.get('busy_cpu_s', 0):.1f} CPU s on CPU "
                    f"{args.busy_core}" if busy else "")
-                + (f", machine {100 * block['machine_busy_fraction']:.0f}% busy"
+                + (f", machine {100 * block['machine_busy_fraction']:.0f}% busy, other "
+                   f"processes {block['other_cpu_cores']:.2f} cores"
                    if "machine_busy_fraction" in block else ""))
             if busy and not block.get("busy_alive_at_end"):
                 log("# WARNING: the busy process ended before the loaded round did (raise "

@@ -116,5 +116,6 @@ def test_quick_run_writes_every_row_and_leaves_no_busy_process(tmp_path, capsys)
     assert loaded[0]["busy_cpu_s"] > 0
     for b in meta["blocks"]:
         assert b["loadavg_before"]["load1"] >= 0 and b["loadavg_after"]["load1"] >= 0
+        assert 0 <= b["machine_busy_fraction"] <= 1 and b["other_cpu_cores"] >= 0
     assert gone(loaded[0]["busy_pid"], wait=1.0)
     assert "| layer | 0.1 | 2 |" in capsys.readouterr().out
