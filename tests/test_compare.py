@@ -342,3 +342,40 @@ def test_dst_runs_on_both_twins_alike(method, dtype):
     assert row["dst_same_topology"] is True and row["dst_update_ms_csr"] > 0
     assert row["dst_topology_checks"] == row["dst_updates"] and row["dst_topology_diff"] == 0
     assert row["loss_drift"] < 1e-4 and row["weight_drift"] < 1e-4
+
+
+# ---- machine load in the results ------------------------------------------------------------
+
+def test_load_warning_rule():
+    from torch_nerva.compare.report import load_warning
+    quiet, busy = {"load1": 0.3}, {"load1": 1.4}
+    assert load_warning(quiet, {"load1": 2.3}, threads=2, cpus=2) is None  # only the run itself
+    assert "contaminated" in load_warning(busy, {"load1": 2.3}, threads=2, cpus=2)
+    assert "contaminated" in load_warning(quiet, {"load1": 3.2}, threads=2, cpus=2)  # others after
+    assert load_warning(busy, busy, threads=1, cpus=2) is None  # one thread fits beside it
+    assert load_warning({"load1": 1.6}, None, threads=1, cpus=2) is not None
+    assert load_warning(None, None, threads=2, cpus=2) is None
+    assert load_warning(busy, busy, threads=2, cpus=None) is None
+
+
+@pytest.mark.parametrize("load1, warned", [(0.1, False), (3.0, True)])
+def test_results_record_isa_threads_and_load(tmp_path, monkeypatch, capsys, load1, warned):
+    calls = []
+
+    def fake_loadavg():
+        calls.append(load1)
+        return {"load1": load1 + len(calls) / 100, "load5": 1.0, "load15": 1.0, "runnable": 1}
+    monkeypatch.setattr(compare, "read_loadavg", fake_loadavg)
+    monkeypatch.setattr(compare.report, "_cpu_count", lambda: 2)
+    out = tmp_path / "o"
+    assert compare.main(["--config", str(_write(tmp_path, TINY)), "--out", str(out), "--only",
+                         "depth", "--no-plots", "--threads", "1"]) == 0
+    meta = _doc(out, "depth")["meta"]
+    assert meta["threads"] == 1 and meta["kernel_isa"] == torch.ops.torch_nerva._kernel_isa("")
+    assert meta["loadavg_before"]["load1"] == pytest.approx(load1 + 0.01)
+    assert meta["loadavg_after"]["load1"] == pytest.approx(load1 + 0.02)
+    printed = capsys.readouterr().out
+    if warned:
+        assert "contaminated" in meta["load_warning"] and "WARNING (depth)" in printed
+    else:
+        assert meta["load_warning"] is None and "WARNING" not in printed

@@ -54,12 +54,68 @@ def environment() -> Dict[str, Any]:
         "torch_version": torch.__version__,
         "torch_nerva_version": __version__,
         "threads": torch.get_num_threads(),
+        "kernel_isa": kernel_isa(),
         "cpu_model": cpu_model(),
         "cpu_count": _cpu_count(),
         "platform": platform.platform(),
         "python_version": platform.python_version(),
         "git_revision": git_revision(),
     }
+
+
+def kernel_isa() -> Optional[str]:
+    """The instruction set the native kernels run with (``torch_nerva.ops.kernel_isa()``), or
+    None when the extension does not report it."""
+    from .. import ops
+    try:
+        return ops.kernel_isa()
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def read_loadavg() -> Optional[Dict[str, float]]:
+    """The machine's load averages from /proc/loadavg (``load1``, ``load5``, ``load15``: the
+    mean number of runnable or uninterruptible tasks over 1, 5 and 15 minutes, exponentially
+    weighted) and ``runnable`` (tasks runnable at this instant, this process included); None
+    where /proc/loadavg cannot be read (not Linux)."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            fields = f.read().split()
+        return {"load1": float(fields[0]), "load5": float(fields[1]),
+                "load15": float(fields[2]), "runnable": int(fields[3].split("/")[0])}
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def load_warning(before: Optional[Dict[str, float]], after: Optional[Dict[str, float]],
+                 threads: int, cpus: Optional[int]) -> Optional[str]:
+    """A warning when other work loaded the machine during a timed run, else None.
+
+    The rule: ``other`` = max(1-min load before the run, 1-min load after it minus
+    ``threads``) estimates the load that is not this run's own (the run itself adds at most
+    ``threads`` runnable threads to the average after it, and nothing before it). The warning
+    fires when ``other > cpus - threads + 0.5``: the run's threads plus the other work need more
+    cores than there are (by more than half a core), so some of the run's threads waited for a
+    core and its timings, the native kernels' above all, are contaminated. On 2 cores with 2
+    threads that is ``other > 0.5``; with 1 thread, ``other > 1.5``. Unknown loads (no
+    /proc/loadavg) or CPU count give None."""
+    if not cpus or (before is None and after is None):
+        return None
+    estimates = []
+    if before is not None:
+        estimates.append(before["load1"])
+    if after is not None:
+        estimates.append(after["load1"] - threads)
+    other = max(estimates)
+    limit = cpus - threads + 0.5
+    if other <= limit:
+        return None
+    seen = ", ".join(f"{v['load1']:.2f} {when}" for v, when in ((before, "before"),
+                                                               (after, "after")) if v)
+    return (f"the machine was loaded during this run: about {other:.2f} runnable tasks besides "
+            f"it (1-min load average {seen}) on {cpus} CPUs with {threads} threads (limit "
+            f"{limit:.2f}): timings are contaminated, rerun on a quiet machine or with fewer "
+            f"threads")
 
 
 def _cpu_count() -> Optional[int]:
