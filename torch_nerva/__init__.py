@@ -30,6 +30,7 @@ from .layout import CSRLayout  # noqa: E402
 from .nn.linear import MaskedLinear, SparseLinear  # noqa: E402
 from .convert import DenseWeightsWarning, densify, sparsify, to_masked, to_sparse  # noqa: E402
 from .nn.attention import SparseMultiheadAttention  # noqa: E402
+from .nn.chain import fuse_for_inference  # noqa: E402
 from .init import layer_densities  # noqa: E402
 from . import interchange  # noqa: E402
 from .interchange import load_state_dict, summary  # noqa: E402
@@ -41,6 +42,7 @@ __all__ = [
     "MaskedLinear",
     "SparseMultiheadAttention",
     "DenseWeightsWarning",
+    "fuse_for_inference",
     "CSRLayout",
     "sparse_linear",
     "sparsify",
