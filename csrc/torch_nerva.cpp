@@ -54,6 +54,8 @@ TORCH_LIBRARY(torch_nerva, m) {
   // Test helper: runs the kernels' chunk pool (csrc/cpu/pool.h) on n_chunks chunks of spin_us
   // microseconds each; returns (runs per chunk, id of the thread that ran it, 0 = caller).
   m.def("_schedule_probe(int n_chunks, int n_threads, int spin_us) -> (Tensor, Tensor)");
+  // The CPU kernels' scheduler: "" reads it, "pool" or "openmp" sets it (csrc/cpu/pool.h).
+  m.def("_scheduler(str name) -> str");
   // Test and benchmark helpers: the kernels' instruction set ("" reads it, a name sets it),
   // and the instruction sets this CPU supports.
   m.def("_kernel_isa(str name) -> str");

@@ -14,6 +14,15 @@ THREADS = (1, 2, 3, 4)
 ops = torch.ops.torch_nerva
 
 
+@pytest.fixture(params=["pool", "openmp"], autouse=True)
+def scheduler(request):
+    """Every test runs with both schedulers of csrc/cpu/pool.h."""
+    old = ops._scheduler("")
+    ops._scheduler(request.param)
+    yield request.param
+    ops._scheduler(old)
+
+
 @pytest.fixture
 def restore_threads():
     old = torch.get_num_threads()
@@ -35,6 +44,25 @@ def test_every_chunk_runs_exactly_once(n_chunks, n_threads):
 def test_probe_checks_its_arguments():
     with pytest.raises(RuntimeError, match="n_threads >= 1"):
         ops._schedule_probe(4, 0, 0)
+    with pytest.raises(RuntimeError, match="expected \"pool\""):
+        ops._scheduler("threads")
+
+
+def test_scheduler_default_follows_the_openmp_wait_policy():
+    import os
+    import subprocess
+    import sys
+    code = "import torch, torch_nerva; print(torch.ops.torch_nerva._scheduler(''))"
+    for env, expected in (({"OMP_WAIT_POLICY": "PASSIVE"}, "pool"), ({}, "openmp"),
+                          ({"TORCH_NERVA_SCHEDULER": "pool"}, "pool"),
+                          ({"OMP_WAIT_POLICY": "passive", "TORCH_NERVA_SCHEDULER": "openmp"},
+                           "openmp")):
+        full = {k: v for k, v in os.environ.items()
+                if k not in ("OMP_WAIT_POLICY", "TORCH_NERVA_SCHEDULER")}
+        full.update(env)
+        out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True,
+                             text=True, check=True)
+        assert out.stdout.strip() == expected, (env, out.stdout)
 
 
 def random_layout(n_out, n_in, density, empty_rows, seed):
@@ -203,7 +231,9 @@ def _child_forward(layer, x, queue):
     queue.put(layer(x).detach().numpy().tobytes())  # plain bytes: no shared-memory handle
 
 
-def test_ops_after_fork_use_a_fresh_pool(restore_threads):
+def test_ops_after_fork_use_a_fresh_pool(restore_threads, scheduler):
+    if scheduler == "openmp":
+        pytest.skip("libgomp's team is not fork-safe once started (the child hangs); the pool is")
     # DataLoader workers are forked from a process whose pool helpers do not exist in the child
     # (the OpenMP schedule of the previous build hung here in the child).
     torch.set_num_threads(2)

@@ -173,6 +173,7 @@ TORCH_LIBRARY_IMPL(torch_nerva, CPU, m) {
 TORCH_LIBRARY_IMPL(torch_nerva, CompositeExplicitAutograd, m) {
   m.impl("_parallel_probe", &parallel_probe_cpu);
   m.impl("_schedule_probe", &schedule_probe_cpu);
+  m.impl("_scheduler", [](const std::string& name) { return scheduler(name); });
 }
 
 }  // namespace cpu

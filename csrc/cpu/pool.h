@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace torch_nerva {
 namespace cpu {
@@ -18,6 +19,12 @@ namespace cpu {
 // each runs on its own thread instead of queueing). The first exception a chunk throws is
 // rethrown here after every claimed chunk has finished (the remaining chunks still run).
 void run_chunks(int64_t n_chunks, int64_t n_threads, void (*fn)(void*, int64_t), void* ctx);
+
+// The scheduler run_chunks uses: "pool" (above) or "openmp" (the same chunks claimed from a
+// counter inside one at::parallel_for region, whose end waits for every OpenMP thread). "" reads
+// it; the default is "pool" when OMP_WAIT_POLICY=passive, else "openmp"; the environment
+// variable TORCH_NERVA_SCHEDULER=pool|openmp overrides the default (docs/scheduling.md).
+std::string scheduler(const std::string& name);
 
 // Whether the calling thread is running a chunk of run_chunks.
 bool in_pool_chunk();

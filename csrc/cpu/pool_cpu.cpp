@@ -15,14 +15,20 @@
 // the child starts with no helpers.
 #include "pool.h"
 
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 #include <pthread.h>
 
 #include <atomic>
+#include <algorithm>
+#include <cctype>
 #include <chrono>
+#include <cstdlib>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
 #include <new>
+#include <string>
 #include <thread>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -41,7 +47,14 @@ typedef std::chrono::steady_clock Clock;
 
 // How long a helper spins for the next job, and how long a caller spins, then yields, before
 // sleeping while a claimed chunk is still running on another thread.
-constexpr auto kHelperSpin = std::chrono::microseconds(50);
+// The helpers' spin can be set with TORCH_NERVA_POOL_SPIN_US (read once; for measurements).
+std::chrono::microseconds helper_spin() {
+  static const std::chrono::microseconds spin = [] {
+    const char* env = std::getenv("TORCH_NERVA_POOL_SPIN_US");
+    return std::chrono::microseconds(env ? std::max(0L, std::atol(env)) : 50L);
+  }();
+  return spin;
+}
 constexpr auto kCallerSpin = std::chrono::microseconds(20);
 constexpr auto kCallerYield = std::chrono::microseconds(200);
 constexpr auto kCallerSleep = std::chrono::microseconds(20);
@@ -161,6 +174,7 @@ class Pool {
 
   void helper_loop(int64_t id) {
     uint32_t seen = posted_.load();
+    const auto spin = helper_spin();
     for (;;) {
       const auto start = Clock::now();
       bool fresh = false;
@@ -169,7 +183,7 @@ class Pool {
           fresh = posted_.load(std::memory_order_relaxed) != seen;
           if (!fresh) TORCH_NERVA_PAUSE();
         }
-        if (Clock::now() - start > kHelperSpin) break;
+        if (Clock::now() - start > spin) break;
       }
       if (!fresh) {
         std::unique_lock<std::mutex> lock(mu_);
@@ -204,14 +218,66 @@ void run_serial(int64_t n_chunks, ChunkFn fn, void* ctx) {
   for (int64_t i = 0; i < n_chunks; ++i) fn(ctx, i);
 }
 
+// The same chunks claimed from a counter by the threads of one at::parallel_for (OpenMP)
+// region: balanced dynamically, but the region's end still waits for every thread.
+void run_openmp(int64_t n_chunks, int64_t n_threads, ChunkFn fn, void* ctx) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+    ChunkScope scope;
+    for (int64_t i = next.fetch_add(1); i < n_chunks; i = next.fetch_add(1)) fn(ctx, i);
+  });
+}
+
+// 0 = pool, 1 = openmp. Default: the pool when torch's OpenMP threads sleep when idle
+// (OMP_WAIT_POLICY=passive); otherwise they spin for milliseconds after each of torch's own
+// parallel ops and starve the pool's helpers of their core (docs/scheduling.md).
+std::atomic<int> g_mode{-1};
+
+int default_mode() {
+  if (const char* env = std::getenv("TORCH_NERVA_SCHEDULER")) {
+    const std::string v(env);
+    if (v == "pool") return 0;
+    if (v == "openmp") return 1;
+  }
+  const char* policy = std::getenv("OMP_WAIT_POLICY");
+  std::string p = policy ? policy : "";
+  for (char& ch : p) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return p == "passive" ? 0 : 1;
+}
+
+int mode() {
+  int m = g_mode.load(std::memory_order_relaxed);
+  if (m < 0) {
+    m = default_mode();
+    g_mode.store(m);
+  }
+  return m;
+}
+
 }  // namespace
 
 bool in_pool_chunk() { return t_in_chunk; }
+
+std::string scheduler(const std::string& name) {
+  if (name == "pool") {
+    g_mode.store(0);
+  } else if (name == "openmp") {
+    g_mode.store(1);
+  } else {
+    TORCH_CHECK(name.empty(), "torch_nerva._scheduler: expected \"pool\", \"openmp\" or \"\", got \"",
+                name, "\"");
+  }
+  return mode() == 0 ? "pool" : "openmp";
+}
 
 void run_chunks(int64_t n_chunks, int64_t n_threads, ChunkFn fn, void* ctx) {
   if (n_chunks <= 0) return;
   if (n_chunks == 1 || n_threads <= 1 || t_in_chunk || n_chunks >= (int64_t)kExhausted) {
     run_serial(n_chunks, fn, ctx);
+    return;
+  }
+  if (mode() == 1) {
+    run_openmp(n_chunks, n_threads, fn, ctx);
     return;
   }
   Pool& pool = Pool::get();
