@@ -51,6 +51,11 @@ TORCH_LIBRARY(torch_nerva, m) {
   m.def("sparse_chain(Tensor y0, Tensor[] values, Tensor[] crows, Tensor[] cols, float bias, "
         "float lo, float hi, int chunk, bool prune) -> Tensor");
   m.def("_parallel_probe(int n) -> Tensor");
+  // Test helper: runs the kernels' chunk pool (csrc/cpu/pool.h) on n_chunks chunks of spin_us
+  // microseconds each; returns (runs per chunk, id of the thread that ran it, 0 = caller).
+  m.def("_schedule_probe(int n_chunks, int n_threads, int spin_us) -> (Tensor, Tensor)");
+  // The CPU kernels' scheduler: "" reads it, "pool" or "openmp" sets it (csrc/cpu/pool.h).
+  m.def("_scheduler(str name) -> str");
   // Test and benchmark helpers: the kernels' instruction set ("" reads it, a name sets it),
   // and the instruction sets this CPU supports.
   m.def("_kernel_isa(str name) -> str");

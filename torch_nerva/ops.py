@@ -150,6 +150,12 @@ def _parallel_probe_fake(n):
     return torch.empty((), dtype=torch.long)
 
 
+@torch.library.register_fake("torch_nerva::_schedule_probe")
+def _schedule_probe_fake(n_chunks, n_threads, spin_us):
+    return (torch.empty((n_chunks,), dtype=torch.long),
+            torch.empty((n_chunks,), dtype=torch.long))
+
+
 # Autograd of the raw products, so that they differentiate like torch.sparse.mm instead of
 # returning None with a warning. Both backward formulas call the ops themselves, so they are
 # differentiable again (double backward works for these two; sparse_linear refuses it).

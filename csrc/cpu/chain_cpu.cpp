@@ -2,6 +2,8 @@
 // for inference, each chunk of inputs carried through every layer by one thread.
 #include "common.h"
 #include "isa.h"
+#include "pool.h"
+#include "schedule.h"
 
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -128,14 +130,14 @@ at::Tensor sparse_chain_cpu(const at::Tensor& y0, at::TensorList values, at::Ten
   std::vector<KernelError> errors(n_chunks);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "torch_nerva", [&] {
     AT_DISPATCH_INDEX_TYPES(c[0].scalar_type(), "torch_nerva", [&] {
-      at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t t = c0; t < c1; ++t) {
-          const int64_t first = t * chunk, width = std::min(chunk, batch - first);
-          chain_chunk<scalar_t, index_t>(y.data_ptr<scalar_t>(), y.size(1), first, width, v, c,
-                                         k, biases, static_cast<scalar_t>(lo),
-                                         static_cast<scalar_t>(hi), prune, max_n,
-                                         alive.data_ptr<bool>(), errors[t]);
-        }
+      // chunks of inputs claimed from the pool (pool.h): a descheduled thread holds up at
+      // most the chunk it is running
+      parallel_chunks(n_chunks, phase_threads(), [&](int64_t t) {
+        const int64_t first = t * chunk, width = std::min(chunk, batch - first);
+        chain_chunk<scalar_t, index_t>(y.data_ptr<scalar_t>(), y.size(1), first, width, v, c, k,
+                                       biases, static_cast<scalar_t>(lo),
+                                       static_cast<scalar_t>(hi), prune, max_n,
+                                       alive.data_ptr<bool>(), errors[t]);
       });
     });
   });

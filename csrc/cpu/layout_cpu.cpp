@@ -1,12 +1,18 @@
 // Topology helpers: CSR transpose with the value permutation, full CSR validation, and a
 // probe that reports how many threads at::parallel_for really uses (guards a build that
-// lost -fopenmp, where every kernel would silently run on one thread).
+// lost -fopenmp, where every kernel would silently run on one thread), and one that runs the
+// kernels' chunk pool (pool.h) on chunks that only record who ran them.
 #include "common.h"
+#include "pool.h"
 
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <chrono>
+#include <map>
 #include <mutex>
+#include <thread>
 #include <set>
 #include <tuple>
 #include <vector>
@@ -124,6 +130,38 @@ at::Tensor parallel_probe_cpu(int64_t n) {
   return at::scalar_tensor((int64_t)seen.size(), at::TensorOptions().dtype(at::kLong));
 }
 
+// Runs n_chunks chunks on the pool with n_threads threads, each chunk busy for spin_us
+// microseconds; returns (how many times each chunk ran, a small id of the thread that ran it,
+// 0 being the calling thread).
+std::tuple<at::Tensor, at::Tensor> schedule_probe_cpu(int64_t n_chunks, int64_t n_threads,
+                                                      int64_t spin_us) {
+  TORCH_CHECK(n_chunks >= 0 && n_threads >= 1 && spin_us >= 0,
+              "torch_nerva._schedule_probe: needs n_chunks >= 0, n_threads >= 1, spin_us >= 0");
+  at::Tensor counts = at::zeros({n_chunks}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor who = at::full({n_chunks}, -1, at::TensorOptions().dtype(at::kLong));
+  std::vector<std::atomic<int64_t>> ran(n_chunks);
+  for (auto& r : ran) r.store(0);
+  std::vector<std::thread::id> ids(n_chunks);
+  const std::thread::id caller = std::this_thread::get_id();
+  parallel_chunks(n_chunks, n_threads, [&](int64_t i) {
+    ran[i].fetch_add(1);
+    ids[i] = std::this_thread::get_id();
+    const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
+    while (std::chrono::steady_clock::now() < end) {
+    }
+  });
+  std::map<std::thread::id, int64_t> small{{caller, 0}};
+  int64_t* c = counts.data_ptr<int64_t>();
+  int64_t* w = who.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n_chunks; ++i) {
+    c[i] = ran[i].load();
+    auto it = small.find(ids[i]);
+    if (it == small.end()) it = small.emplace(ids[i], (int64_t)small.size()).first;
+    w[i] = it->second;
+  }
+  return {counts, who};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_nerva, CPU, m) {
@@ -134,6 +172,8 @@ TORCH_LIBRARY_IMPL(torch_nerva, CPU, m) {
 // The probe takes no tensor, so it is registered for every dispatch key.
 TORCH_LIBRARY_IMPL(torch_nerva, CompositeExplicitAutograd, m) {
   m.impl("_parallel_probe", &parallel_probe_cpu);
+  m.impl("_schedule_probe", &schedule_probe_cpu);
+  m.impl("_scheduler", [](const std::string& name) { return scheduler(name); });
 }
 
 }  // namespace cpu

@@ -1,9 +1,11 @@
-// The parallel row schedule of the SpMM / SDDMM drivers: threads own whole output rows, split
-// so that each gets about the same number of nonzeros: no atomics, results independent of the
-// thread count. Then one error report for the malformed indices the kernels met.
+// The parallel row schedule of the SpMM / SDDMM drivers: chunks own whole output rows, split
+// so that each gets about the same number of nonzeros, claimed by threads from the pool
+// (pool.h): no atomics on results, results independent of the thread count. Then one error
+// report for the malformed indices the kernels met.
 #pragma once
 
 #include "kernels.h"
+#include "pool.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -15,18 +17,34 @@
 namespace torch_nerva {
 namespace cpu {
 
-// Splits rows [0, n_rows) into one contiguous range per thread with about equal
-// nnz + rows each (crow[r] + r is non-decreasing for a valid layout; for a malformed one the
-// split is forced monotone so that every row is still visited, and checked, exactly once).
-// `err` receives the first malformed index found, in row order.
+// The thread count of a parallel phase: torch's, or 1 inside an OpenMP region or a chunk of
+// the pool (nested ops run serially).
+inline int64_t phase_threads() {
+  if (at::in_parallel_region() || in_pool_chunk()) return 1;
+  return std::max<int64_t>(1, at::get_num_threads());
+}
+
+// How many chunks a phase of `work` units is split into on `threads` threads: serial below
+// 32768 units; otherwise more chunks than threads (up to 8 per thread, at least ~16k units
+// each), so that a thread the OS has descheduled leaves little for the others to wait on.
+inline int64_t phase_chunks(int64_t work, int64_t threads, int64_t max_chunks) {
+  if (work < 32768 || threads <= 1) return 1;
+  const int64_t want = std::max<int64_t>(threads, std::min<int64_t>(8 * threads, work / 16384));
+  return std::max<int64_t>(1, std::min(want, max_chunks));
+}
+
+// Splits rows [0, n_rows) into chunks of about equal nnz + rows each (crow[r] + r is
+// non-decreasing for a valid layout; for a malformed one the split is forced monotone so that
+// every row is still visited, and checked, exactly once) and runs them on the pool (pool.h).
+// Each output row is written by exactly one chunk, so results do not depend on the split or the
+// thread count. `err` receives the first malformed index found of each kind, in row order.
 template <typename I, typename F>
 void parallel_rows(const I* crow, int64_t n_rows, int64_t batch, KernelError& err,
                    const F& body) {
   const int64_t nnz = crow[n_rows];
   const int64_t cost = std::max<int64_t>(nnz, 0) + n_rows;
   const int64_t work = cost * std::max<int64_t>(batch, 1);
-  int64_t chunks = std::min<int64_t>(at::get_num_threads(), n_rows);
-  if (work < 32768 || at::in_parallel_region()) chunks = 1;
+  const int64_t chunks = phase_chunks(work, phase_threads(), n_rows);
   if (chunks <= 1) {
     body(0, n_rows, err);
     return;
@@ -43,9 +61,8 @@ void parallel_rows(const I* crow, int64_t n_rows, int64_t batch, KernelError& er
     split[t] = std::max(lo, split[t - 1]);
   }
   std::vector<KernelError> errors(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) body(split[t], split[t + 1], errors[t]);
-  });
+  parallel_chunks(chunks, phase_threads(),
+                  [&](int64_t t) { body(split[t], split[t + 1], errors[t]); });
   for (const KernelError& e : errors) {
     if (err.row < 0) err.row = e.row;
     if (err.pos < 0) err.pos = e.pos;

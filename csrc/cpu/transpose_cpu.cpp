@@ -1,9 +1,10 @@
-// The padded transposes (transpose.h) on the CPU, parallel over features, through the
-// per-ISA transpose kernels.
+// The padded transposes (transpose.h) on the CPU, through the per-ISA transpose kernels,
+// parallel over panels of features claimed from the pool (pool.h, schedule.h).
 #include "transpose.h"
 
 #include "common.h"
 #include "isa.h"
+#include "schedule.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,9 +16,23 @@ namespace torch_nerva {
 namespace cpu {
 namespace {
 
-// Features per parallel chunk of a transpose: ~64k elements, whole 16-feature tiles.
-int64_t transpose_grain(int64_t ld) {
-  return std::max<int64_t>(16, 65536 / std::max<int64_t>(ld, 1)) / 16 * 16;
+// Runs f(i0, i1) over panels of features [0, n) that cover it exactly once: whole
+// 16-feature tiles, serial below 64k elements (n x ld) as before, otherwise chunks as for
+// the SpMM phases (schedule.h).
+template <typename F>
+void parallel_panels(int64_t n, int64_t ld, const F& f) {
+  const int64_t elems = n * std::max<int64_t>(ld, 1);
+  const int64_t tiles = (n + 15) / 16;
+  const int64_t chunks = elems < 65536 ? 1 : phase_chunks(elems, phase_threads(), tiles);
+  if (chunks <= 1) {
+    f(0, n);
+    return;
+  }
+  parallel_chunks(chunks, phase_threads(), [&](int64_t t) {
+    const int64_t i0 = std::min(n, tiles * t / chunks * 16);
+    const int64_t i1 = std::min(n, tiles * (t + 1) / chunks * 16);
+    if (i0 < i1) f(i0, i1);
+  });
 }
 
 }  // namespace
@@ -40,7 +55,7 @@ at::Tensor transpose_padded(const at::Tensor& x, bool* nonfinite) {
     }
     S* dst = kernel_data<scalar_t>(xt);
     std::atomic<bool> found{false};
-    at::parallel_for(0, n, transpose_grain(ld), [&](int64_t i0, int64_t i1) {
+    parallel_panels(n, ld, [&](int64_t i0, int64_t i1) {
       if (table.transpose_pad(src, batch, n, ld, dst, i0, i1)) {
         found.store(true, std::memory_order_relaxed);
       }
@@ -60,7 +75,7 @@ at::Tensor untranspose(const at::Tensor& yt, int64_t batch) {
     const auto fn = transposes<S>().untranspose;
     const S* src = kernel_data<scalar_t>(yt);
     S* dst = kernel_data<scalar_t>(y);
-    at::parallel_for(0, n, transpose_grain(ld), [&](int64_t i0, int64_t i1) {
+    parallel_panels(n, ld, [&](int64_t i0, int64_t i1) {
       fn(src, batch, n, ld, dst, i0, i1);
     });
   });
