@@ -17,6 +17,8 @@
 
 #include <tuple>
 
+#include "op_handles.h"
+
 namespace torch_nerva {
 namespace {
 
@@ -30,13 +32,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_autocast(
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_nerva::sparse_linear", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&)>();
-  return op.call(cached_cast(dtype, x, device), cached_cast(dtype, values, device),
+  return sparse_linear_op().call(cached_cast(dtype, x, device), cached_cast(dtype, values, device),
                  cached_cast(dtype, bias, device), crow, col, crow_t, col_t, perm);
 }
 

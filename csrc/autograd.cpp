@@ -11,6 +11,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "op_handles.h"
+
 namespace torch_nerva {
 namespace {
 
@@ -22,13 +24,7 @@ std::tuple<at::Tensor, at::Tensor> call_forward(const at::Tensor& x, const at::T
                                                 const at::Tensor& crow, const at::Tensor& col,
                                                 const at::Tensor& crow_t, const at::Tensor& col_t,
                                                 const at::Tensor& perm) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_nerva::sparse_linear", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&)>();
-  return op.call(x, values, bias, crow, col, crow_t, col_t, perm);
+  return sparse_linear_op().call(x, values, bias, crow, col, crow_t, col_t, perm);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_backward(const at::Tensor& grad, const at::Tensor& xt,
