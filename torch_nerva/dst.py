@@ -180,15 +180,16 @@ def _remap_state(optimizer: Optional[torch.optim.Optimizer], param: Tensor, old_
         state[key] = new.view(param.shape)
 
 
-def _broadcast(positions: Tensor) -> Tensor:
-    """Rank 0's positions on every rank (identity outside torch.distributed)."""
+def _broadcast(positions: Tensor, src: int = 0) -> Tensor:
+    """Rank ``src``'s positions (an int64 CPU tensor of the same length on every rank) on every
+    rank (identity outside torch.distributed)."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return positions
     buf = positions.clone()
     if dist.get_backend() == "nccl":
         buf = buf.cuda()
-    dist.broadcast(buf, src=0)
+    dist.broadcast(buf, src=src)
     return buf.cpu()
 
 
@@ -205,16 +206,8 @@ def broadcast_topology(model: nn.Module, src: int = 0) -> int:
     changed = 0
     for _, layer in _layers(model):
         positions, values = _positions_values(layer)
-        n = torch.tensor([positions.numel()], dtype=torch.long)
-        if dist.get_backend() == "nccl":
-            n = n.cuda()
-        dist.broadcast(n, src=src)
-        theirs = torch.empty(int(n.item()), dtype=torch.long)
-        if dist.get_rank() == src:
-            theirs = positions.clone()
-        buf = theirs.cuda() if dist.get_backend() == "nccl" else theirs
-        dist.broadcast(buf, src=src)
-        theirs = buf.cpu()
+        n = int(_broadcast(torch.tensor([positions.numel()]), src)[0])  # nnz may differ
+        theirs = _broadcast(positions if positions.numel() == n else positions.new_empty(n), src)
         if torch.equal(theirs, positions):
             continue
         changed += 1

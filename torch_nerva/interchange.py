@@ -385,7 +385,8 @@ def summary(model: nn.Module, requested: Optional[float] = None,
             print_table: bool = False) -> List[Dict[str, Any]]:
     """One row per linear layer (SparseLinear, MaskedLinear, nn.Linear) and a total row:
     shape, nnz, density (realised; ``requested`` is echoed in the total), parameter bytes
-    (everything in the layer's state dict: values, indices, bias; or weight, mask, bias) and FLOPs per example: inference 2 nnz,
+    (what the layer's state dict holds: values, indices, bias; or weight, mask, bias) and
+    FLOPs per example: inference 2 nnz,
     training 6 nnz (forward, input gradient, weight gradient) for a sparse layer, the dense
     counts for masked and dense layers (that is what they compute)."""
     rows: List[Dict[str, Any]] = []
@@ -395,7 +396,11 @@ def summary(model: nn.Module, requested: Optional[float] = None,
         size = m.in_features * m.out_features
         nnz = m.nnz if isinstance(m, (SparseLinear, MaskedLinear)) else size
         computed = nnz if isinstance(m, SparseLinear) else size
-        state = [t for t in m.state_dict().values() if isinstance(t, Tensor)]
+        state = list(m.parameters(recurse=False)) + [
+            b for n, b in m.named_buffers(recurse=False)
+            if n not in m._non_persistent_buffers_set]
+        if isinstance(m, SparseLinear):  # the saved topology (read in place, not copied)
+            state += [m.crow_indices, m.col_indices]
         rows.append({"layer": name or type(m).__name__, "type": type(m).__name__,
                      "shape": f"{m.out_features}x{m.in_features}", "nnz": nnz,
                      "density": nnz / size if size else 0.0,

@@ -20,6 +20,7 @@ from typing import List, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..functional import _functorch_active
 from .linear import SparseLinear
 
 _fm = torch.ops.torch_nerva.csr_spmm_fm.default
@@ -80,7 +81,7 @@ class FusedSequential(nn.Sequential):
 
 def _fusable(run: List[Tuple[SparseLinear, bool]], x: Tensor) -> bool:
     if not x.is_cpu or x.dim() == 0 or x.shape[-1] != run[0][0].in_features \
-            or torch._C._are_functorch_transforms_active() or torch.is_autocast_enabled("cpu"):
+            or _functorch_active() or torch.is_autocast_enabled("cpu"):
         return False
     dtype = x.dtype
     for layer, _ in run:

@@ -427,13 +427,18 @@ class SparseLinear(_LinearBase):
         if layout is not None:
             self._adopt(layout, values)
         # nn.Module's loader copies values and bias; the topology keys are this layer's own
-        # (not buffers), so they are neither missing nor unexpected to it
-        own = {prefix + k for k in ("crow_indices", "col_indices", "_extra_state")}
-        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in own}
-        if prefix + "values" in rest:  # a checkpoint of 1-D values (nnz,)
-            rest[prefix + "values"] = rest[prefix + "values"].reshape(self.values.shape)
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+        # (not buffers), and an older checkpoint's _extra_state was checked by the plan: it
+        # would call them unexpected, which they are not
+        saved = state_dict.get(prefix + "values")
+        if isinstance(saved, Tensor) and saved.shape != self.values.shape:
+            state_dict = dict(state_dict)  # a checkpoint of 1-D values (nnz,): not the caller's
+            state_dict[prefix + "values"] = saved.reshape(self.values.shape)
+        n_unexpected = len(unexpected_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        own = (prefix + "crow_indices", prefix + "col_indices", prefix + "_extra_state")
+        unexpected_keys[n_unexpected:] = [k for k in unexpected_keys[n_unexpected:]
+                                          if k not in own]
         if strict:
             missing_keys.extend(prefix + k for k in ("crow_indices", "col_indices")
                                 if prefix + k not in state_dict)
