@@ -56,6 +56,9 @@ TORCH_LIBRARY(torch_nerva, m) {
   m.def("_schedule_probe(int n_chunks, int n_threads, int spin_us) -> (Tensor, Tensor)");
   // The CPU kernels' scheduler: "" reads it, "pool" or "openmp" sets it (csrc/cpu/pool.h).
   m.def("_scheduler(str name) -> str");
+  // The openmp scheduler's stall guard: action "", "on", "off" or "reset", and a test delay of
+  // the helper threads (-1 keeps it); returns (on, serial seconds left, backoff s, stalls).
+  m.def("_stall_guard(str action=\"\", int helper_delay_us=-1) -> float[]");
   // Test and benchmark helpers: the kernels' instruction set ("" reads it, a name sets it),
   // and the instruction sets this CPU supports.
   m.def("_kernel_isa(str name) -> str");

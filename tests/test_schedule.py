@@ -4,6 +4,7 @@ malformed layouts report the same first bad index; concurrent ops from several P
 and ops after fork() stay correct. No timing assertions (see docs/scheduling.md for timings)."""
 import multiprocessing
 import threading
+import time
 
 import pytest
 import torch
@@ -63,6 +64,100 @@ def test_scheduler_default_follows_the_openmp_wait_policy():
         out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True,
                              text=True, check=True)
         assert out.stdout.strip() == expected, (env, out.stdout)
+
+
+@pytest.fixture
+def guard():
+    """The openmp scheduler's stall guard, on and with no past stalls; restored afterwards."""
+    was_on = ops._stall_guard("reset", 0)[0] == 1.0
+    ops._stall_guard("on")
+    yield
+    ops._stall_guard("reset", 0)
+    ops._stall_guard("on" if was_on else "off")
+
+
+def test_stall_guard_runs_serially_after_a_late_helper_then_probes_again(scheduler, guard):
+    """A helper that starts 3 ms late makes the caller wait at the region's end; the guard
+    sees it and runs the next phases on the calling thread only (nobody to wait for), with
+    every chunk still run exactly once; "reset" lets the next phase use the helpers again."""
+    if scheduler != "openmp":
+        pytest.skip("the guard belongs to the openmp scheduler (the pool never waits for a "
+                    "helper that has not started)")
+    if torch.get_num_threads() < 2:
+        torch.set_num_threads(2)
+    assert ops._stall_guard() == [1.0, 0.0, 0.0, 0.0]
+    for attempt in range(5):  # a machine so slow that 5 ms pass between two calls retries
+        ops._stall_guard("reset", 3000)
+        counts, who = ops._schedule_probe(64, 2, 0)
+        assert torch.equal(counts, torch.ones(64, dtype=torch.long))
+        on, left, backoff, stalls = ops._stall_guard("", 0)
+        assert stalls == 1.0 and backoff == pytest.approx(0.005) and left <= 0.005
+        counts, who = ops._schedule_probe(64, 2, 0)  # within the backoff: the caller alone
+        assert torch.equal(counts, torch.ones(64, dtype=torch.long))
+        if ops._stall_guard()[1] > 0.0:  # still within it after the probe
+            assert set(who.tolist()) == {0}
+            break
+    else:
+        pytest.fail("the guard never ran a phase serially after a stall")
+    ops._stall_guard("reset")
+    assert ops._stall_guard() == [1.0, 0.0, 0.0, 0.0]
+    seen = set()
+    for _ in range(20):  # a helper joins again (OpenMP may give it nothing in one region)
+        counts, who = ops._schedule_probe(64, 2, 50)
+        assert torch.equal(counts, torch.ones(64, dtype=torch.long))
+        seen |= set(who.tolist())
+        if len(seen) > 1:
+            break
+    assert seen == {0, 1}
+
+
+def test_stall_guard_backoff_doubles_and_off_forgets(scheduler, guard):
+    if scheduler != "openmp":
+        pytest.skip("openmp scheduler only")
+    if torch.get_num_threads() < 2:
+        torch.set_num_threads(2)
+    ops._stall_guard("", 2000)
+    backoffs = []
+    for _ in range(3):
+        ops._schedule_probe(8, 2, 0)
+        backoffs.append(ops._stall_guard()[2])
+        # let the serial period pass so the next phase probes (and stalls) again
+        time.sleep(backoffs[-1] + 0.002)
+    assert backoffs == pytest.approx([0.005, 0.010, 0.020])
+    assert ops._stall_guard("off", 0)[:3] == [0.0, 0.0, 0.0]
+    ops._stall_guard("", 2000)
+    ops._schedule_probe(8, 2, 0)  # off: a stall is not counted and changes nothing
+    assert ops._stall_guard("", 0)[1:3] == [0.0, 0.0]
+
+
+def test_stall_guard_checks_its_arguments():
+    with pytest.raises(RuntimeError, match="expected \"\", \"on\""):
+        ops._stall_guard("sometimes")
+    with pytest.raises(RuntimeError, match="helper_delay_us must be >= -1"):
+        ops._stall_guard("", -5)
+
+
+@pytest.mark.parametrize("delay_us", [0, 1500])
+def test_layer_bit_identical_with_a_late_helper(restore_threads, guard, delay_us):
+    """Serial phases chosen by the guard and parallel phases give the same bits."""
+    torch.manual_seed(1)
+    layer = tn.SparseLinear(900, 400, density=0.05)
+    x = torch.randn(200, 900)
+    gy = torch.randn(200, 400)
+
+    def run():
+        xi = x.clone().requires_grad_()
+        layer.zero_grad()
+        y = layer(xi)
+        y.backward(gy)
+        return y.detach(), xi.grad, layer.values.grad.clone()
+
+    torch.set_num_threads(1)
+    serial = run()
+    torch.set_num_threads(2)
+    ops._stall_guard("", delay_us)
+    for _ in range(3):
+        assert_all_identical([serial, run()])
 
 
 def random_layout(n_out, n_in, density, empty_rows, seed):

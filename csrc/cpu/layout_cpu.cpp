@@ -174,6 +174,9 @@ TORCH_LIBRARY_IMPL(torch_nerva, CompositeExplicitAutograd, m) {
   m.impl("_parallel_probe", &parallel_probe_cpu);
   m.impl("_schedule_probe", &schedule_probe_cpu);
   m.impl("_scheduler", [](const std::string& name) { return scheduler(name); });
+  m.impl("_stall_guard", [](const std::string& action, int64_t delay) {
+    return stall_guard(action, delay);
+  });
 }
 
 }  // namespace cpu

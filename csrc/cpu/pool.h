@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace torch_nerva {
 namespace cpu {
@@ -25,6 +26,12 @@ void run_chunks(int64_t n_chunks, int64_t n_threads, void (*fn)(void*, int64_t),
 // it; the default is "pool" when OMP_WAIT_POLICY=passive, else "openmp"; the environment
 // variable TORCH_NERVA_SCHEDULER=pool|openmp overrides the default (docs/scheduling.md).
 std::string scheduler(const std::string& name);
+
+// The openmp scheduler's stall guard (pool_cpu.cpp): action "" reads it, "on" / "off" switch it
+// (default on; TORCH_NERVA_STALL_GUARD=0 starts it off), "reset" forgets past stalls;
+// helper_delay_us >= 0 sets a test delay of the helpers (-1 leaves it). Returns (on, seconds
+// of serial running left, current backoff in seconds, stalls seen).
+std::vector<double> stall_guard(const std::string& action, int64_t helper_delay_us);
 
 // Whether the calling thread is running a chunk of run_chunks.
 bool in_pool_chunk();

@@ -30,6 +30,7 @@
 #include <new>
 #include <string>
 #include <thread>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -218,14 +219,76 @@ void run_serial(int64_t n_chunks, ChunkFn fn, void* ctx) {
   for (int64_t i = 0; i < n_chunks; ++i) fn(ctx, i);
 }
 
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+      .count();
+}
+
+// The stall guard of the openmp scheduler. The end of an OpenMP region waits for every thread
+// of the team; when another process holds a core, a team thread may not run for a time slice
+// of the OS (milliseconds, against regions of tens of microseconds), and the caller waits for
+// it at the barrier although it ran every chunk itself. The guard measures that wait (the end
+// of the region minus the moment the caller found no chunk left): above kStallNs, the phases
+// of the next `backoff` run serially on the calling thread (no region, nobody to wait for),
+// then one region probes again; the backoff doubles while probes stall (kMinBackoffNs ..
+// kMaxBackoffNs) and halves with every region that does not. Serial and parallel runs give
+// bit-identical results (chunks own their outputs), so the guard changes timings only.
+constexpr int64_t kStallNs = 250 * 1000;
+constexpr int64_t kMinBackoffNs = 5 * 1000 * 1000;
+constexpr int64_t kMaxBackoffNs = 500 * 1000 * 1000;
+std::atomic<int64_t> g_serial_until{0};
+std::atomic<int64_t> g_backoff{0};
+std::atomic<int64_t> g_stalls{0};
+std::atomic<int> g_guard{-1};  // -1 unread, 0 off, 1 on
+// Test hook: helpers (not the caller) sleep this long before claiming a chunk.
+std::atomic<int64_t> g_helper_delay_us{0};
+
+bool guard_on() {
+  int g = g_guard.load(std::memory_order_relaxed);
+  if (g < 0) {
+    const char* env = std::getenv("TORCH_NERVA_STALL_GUARD");
+    g = (env && std::string(env) == "0") ? 0 : 1;
+    g_guard.store(g);
+  }
+  return g == 1;
+}
+
+void note_wait(int64_t end, int64_t waited) {
+  int64_t backoff = g_backoff.load(std::memory_order_relaxed);
+  if (waited > kStallNs) {
+    backoff = std::min(kMaxBackoffNs, std::max(kMinBackoffNs, 2 * backoff));
+    g_backoff.store(backoff, std::memory_order_relaxed);
+    g_serial_until.store(end + backoff, std::memory_order_relaxed);
+    g_stalls.fetch_add(1, std::memory_order_relaxed);
+  } else if (backoff > 0) {
+    g_backoff.store(backoff / 2 < kMinBackoffNs ? 0 : backoff / 2, std::memory_order_relaxed);
+  }
+}
+
 // The same chunks claimed from a counter by the threads of one at::parallel_for (OpenMP)
-// region: balanced dynamically, but the region's end still waits for every thread.
+// region: balanced dynamically, but the region's end still waits for every thread; guarded
+// as above.
 void run_openmp(int64_t n_chunks, int64_t n_threads, ChunkFn fn, void* ctx) {
+  const bool guard = guard_on();
+  if (guard && now_ns() < g_serial_until.load(std::memory_order_relaxed)) {
+    run_serial(n_chunks, fn, ctx);
+    return;
+  }
+  const int64_t delay_us = g_helper_delay_us.load(std::memory_order_relaxed);
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+  int64_t caller_done = 0;
+  at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t) {
     ChunkScope scope;
+    if (begin != 0 && delay_us > 0) {
+      std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
+    }
     for (int64_t i = next.fetch_add(1); i < n_chunks; i = next.fetch_add(1)) fn(ctx, i);
+    if (begin == 0) caller_done = now_ns();  // thread 0 of the region is the caller
   });
+  if (guard && caller_done > 0) {
+    const int64_t end = now_ns();
+    note_wait(end, end - caller_done);
+  }
 }
 
 // 0 = pool, 1 = openmp. Default: the pool when torch's OpenMP threads sleep when idle
@@ -257,6 +320,25 @@ int mode() {
 }  // namespace
 
 bool in_pool_chunk() { return t_in_chunk; }
+
+std::vector<double> stall_guard(const std::string& action, int64_t helper_delay_us) {
+  if (action == "on" || action == "off") {
+    g_guard.store(action == "on" ? 1 : 0);
+  } else {
+    TORCH_CHECK(action.empty() || action == "reset",
+                "torch_nerva._stall_guard: expected \"\", \"on\", \"off\" or \"reset\", got \"",
+                action, "\"");
+  }
+  TORCH_CHECK(helper_delay_us >= -1, "torch_nerva._stall_guard: helper_delay_us must be >= -1");
+  if (action == "reset" || action == "off") {
+    g_serial_until.store(0);
+    g_backoff.store(0);
+  }
+  if (action == "reset") g_stalls.store(0);
+  if (helper_delay_us >= 0) g_helper_delay_us.store(helper_delay_us);
+  const int64_t left = std::max<int64_t>(0, g_serial_until.load() - now_ns());
+  return {guard_on() ? 1.0 : 0.0, left * 1e-9, g_backoff.load() * 1e-9, (double)g_stalls.load()};
+}
 
 std::string scheduler(const std::string& name) {
   if (name == "pool") {
