@@ -50,6 +50,11 @@ TORCH_LIBRARY(torch_nerva, m) {
   // feature-major buffers; `prune` drops inputs that died (CPU; the Graph Challenge engine).
   m.def("sparse_chain(Tensor y0, Tensor[] values, Tensor[] crows, Tensor[] cols, float bias, "
         "float lo, float hi, int chunk, bool prune) -> Tensor");
+  // A run of sparse layers (+ ReLU where relu[l] != 0) for small-batch inference: xt
+  // (in_features x ld) in, (out_features of the last x ld) out, feature-major throughout, one
+  // call for the run (CPU; nn.FusedSequential).
+  m.def("csr_chain_fm(Tensor xt, Tensor[] values, Tensor[] crows, Tensor[] cols, "
+        "Tensor?[] biases, int[] relu) -> Tensor");
   m.def("_parallel_probe(int n) -> Tensor");
   // Test helper: runs the kernels' chunk pool (csrc/cpu/pool.h) on n_chunks chunks of spin_us
   // microseconds each; returns (runs per chunk, id of the thread that ran it, 0 = caller).

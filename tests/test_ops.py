@@ -270,3 +270,26 @@ def test_op_argument_errors(gen):
     crow_t, col_t, perm = ops.csr_transpose(crow, col, 8)
     with pytest.raises(RuntimeError, match="in_features = 8"):
         ops.sparse_linear(torch.randn(2, 7), v, None, crow, col, crow_t, col_t, perm)
+
+
+@pytest.mark.parametrize("row_len", [31, 32, 33, 47, 48, 64, 100, 300])
+def test_batch_one_long_rows_match_dense(row_len, dtype, index_dtype, gen, isa):
+    """Batch-1 rows long enough for the vector-gather dot product (>= 32 nonzeros), with every
+    tail length, against dense math; and an out-of-range column inside such a row (in a full
+    block and in the tail) is reported with its position."""
+    n_in = 320
+    cols = [torch.randperm(n_in, generator=gen)[:row_len].sort().values for _ in range(3)]
+    crow = torch.tensor([0, row_len, row_len, 2 * row_len, 3 * row_len], dtype=index_dtype)
+    col = torch.cat([cols[0], cols[1], cols[2]]).to(index_dtype)
+    values = torch.randn(col.numel(), dtype=dtype, generator=gen)
+    layout = CSRLayout(crow, col, (4, n_in))
+    x = torch.randn(1, n_in, dtype=dtype, generator=gen)
+    w = dense(layout, values)
+    torch.testing.assert_close(ops.csr_spmm(x, values, crow, col), x @ w.t(), **tol(dtype))
+    fm = torch.ops.torch_nerva.csr_spmm_fm(x.t().contiguous(), values, crow, col)
+    torch.testing.assert_close(fm, (x @ w.t()).t(), **tol(dtype))
+    for pos in (row_len + 5, 2 * row_len - 1):  # row 2: a full block, then the row's tail
+        bad = col.clone()
+        bad[pos] = n_in + 7
+        with pytest.raises(RuntimeError, match=f"column index out of range at position {pos}:"):
+            ops.csr_spmm(x, values, crow, bad)

@@ -242,6 +242,21 @@ def _csr_spmm_fm_fake(xt, values, crow, col, bias=None, lo=None, hi=None):
     return xt.new_empty((crow.shape[0] - 1, xt.shape[1]))
 
 
+@torch.library.register_fake("torch_nerva::csr_chain_fm")
+def _csr_chain_fm_fake(xt, values, crows, cols, biases, relu):
+    _check_devices("csr_chain_fm", xt=xt, **{f"{name}[{i}]": t for name, ts in
+                                             (("values", values), ("crows", crows),
+                                              ("cols", cols), ("biases", biases))
+                                             for i, t in enumerate(ts)})
+    torch._check(xt.dim() == 2, lambda: f"csr_chain_fm: xt must be 2-D, got {xt.dim()}-D")
+    torch._check(len(values) == len(crows) == len(cols) == len(biases) == len(relu),
+                 lambda: "csr_chain_fm: values, crows, cols, biases and relu must have one "
+                         "entry per layer")
+    if not crows:
+        return xt.new_empty(xt.shape)
+    return xt.new_empty((crows[-1].shape[0] - 1, xt.shape[1]))
+
+
 @torch.library.register_fake("torch_nerva::sparse_chain")
 def _sparse_chain_fake(y0, values, crows, cols, bias, lo, hi, chunk, prune):
     _check_devices("sparse_chain", y0=y0, **{f"{name}[{i}]": t for name, ts in

@@ -1,14 +1,19 @@
-// The Graph Challenge chain on the CPU: the sparse_chain op, a whole sequence of sparse layers
-// for inference, each chunk of inputs carried through every layer by one thread.
+// Chains of sparse layers for inference on the CPU: the Graph Challenge's sparse_chain (a whole
+// sequence of sparse layers, each chunk of inputs carried through every layer by one thread)
+// and csr_chain_fm (a run of SparseLinear (+ ReLU) layers of a model, for small batches: one
+// op call for the run, activations feature-major throughout).
 #include "common.h"
 #include "isa.h"
 #include "pool.h"
 #include "schedule.h"
+#include "spmm.h"
+#include "../nonfinite.h"
 
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -149,10 +154,62 @@ at::Tensor sparse_chain_cpu(const at::Tensor& y0, at::TensorList values, at::Ten
   return alive;
 }
 
+// xt (n_in x ld) through every layer: xt <- W_l xt + b_l, clamped at 0 (ReLU) where relu[l];
+// the values of a layer may be 1-D or (1, nnz). Dense math's NaN/Inf rule (nonfinite.h) is
+// applied to every layer whose input holds a non-finite value (checked per layer: one pass
+// over the activations, which batch-1 inference keeps in L1). Returns a new tensor, also for
+// an empty run.
+at::Tensor csr_chain_fm_cpu(const at::Tensor& xt0, at::TensorList values, at::TensorList crows,
+                            at::TensorList cols,
+                            const c10::List<c10::optional<at::Tensor>>& biases,
+                            at::IntArrayRef relu) {
+  const char* op = "torch_nerva.csr_chain_fm";
+  const size_t n = values.size();
+  TORCH_CHECK(crows.size() == n && cols.size() == n && biases.size() == n && relu.size() == n,
+              op, ": values, crows, cols, biases and relu must have one entry per layer, got ",
+              n, ", ", crows.size(), ", ", cols.size(), ", ", biases.size(), " and ",
+              relu.size());
+  TORCH_CHECK(xt0.dim() == 2 && xt0.is_contiguous(), op,
+              ": xt must be a contiguous 2-D tensor (in_features x ld), got shape ", xt0.sizes());
+  check_devices(op, at::kCPU, {{"xt", &xt0}});
+  const int64_t ld = xt0.size(1);
+  const int64_t lanes = 64 / std::max<int64_t>(4, xt0.element_size());
+  TORCH_CHECK(ld < lanes || ld % lanes == 0, op, ": xt's columns must be fewer than ", lanes,
+              " or a multiple of it (pad with zero columns), got ", ld);
+  if (n == 0) return xt0.clone();
+  at::Tensor xt = xt0;
+  for (size_t l = 0; l < n; ++l) {
+    const at::Tensor v =
+        values[l].dim() == 2 && values[l].size(0) == 1 ? values[l].view({-1}) : values[l];
+    const c10::optional<at::Tensor> bias = biases.get(l);
+    check_spmm_args(op, xt, v, crows[l], cols[l], c10::nullopt, bias);
+    bool nonfinite = false;
+    TORCH_NERVA_DISPATCH_VALUES(xt.scalar_type(), "torch_nerva", [&] {
+      typedef kernel_t<scalar_t> S;
+      nonfinite = transposes<S>().any_nonfinite(kernel_data<scalar_t>(xt), xt.numel());
+    });
+    at::Tensor yt = spmm_feature_major(op, xt, ld, v, crows[l], cols[l], at::Tensor(),
+                                       bias.has_value() ? *bias : at::Tensor(), relu[l] != 0,
+                                       0.0, std::numeric_limits<double>::infinity());
+    if (nonfinite && ld > 0) {  // dense math's NaN/Inf semantics; rare
+      at::Tensor y = yt.t();
+      apply_dense_nonfinite(y, xt.t(), [&](const at::Tensor& indicator) {
+        return spmm_feature_major(op, indicator.t().contiguous(), ld,
+                                  at::ones({cols[l].numel()}, indicator.options()), crows[l],
+                                  cols[l], at::Tensor(), at::Tensor())
+            .t();
+      });
+    }
+    xt = yt;
+  }
+  return xt;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_nerva, CPU, m) {
   m.impl("sparse_chain", &sparse_chain_cpu);
+  m.impl("csr_chain_fm", &csr_chain_fm_cpu);
 }
 
 }  // namespace cpu

@@ -227,6 +227,65 @@ inline __m128 gather4(const fp16* p, int64_t c0, int64_t c1, int64_t c2, int64_t
 }
 #endif
 
+#ifdef TORCH_NERVA_VECTOR16
+// Batch-1 sparse dot product of a float32 row with int32 indices, vectorised: sum of
+// values[k] * x[col[k]] over [k, end) with gathers, two vector accumulators, a masked tail and
+// a fixed-order horizontal sum. Stops at the first block holding an out-of-range index and
+// leaves k there (the caller's checked loop records which); returns the partial sum.
+inline float dot_gather(const float* values, const int32_t* col, const float* x, uint32_t n_in,
+                        int64_t& k, int64_t end) {
+#if defined(TORCH_NERVA_AVX512)
+  const __m512i limit = _mm512_set1_epi32(static_cast<int32_t>(n_in));
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (; k + 32 <= end; k += 32) {
+    const __m512i c0 = _mm512_loadu_si512(col + k), c1 = _mm512_loadu_si512(col + k + 16);
+    if (_mm512_cmpge_epu32_mask(c0, limit) | _mm512_cmpge_epu32_mask(c1, limit)) return vf_sum(_mm512_add_ps(acc0, acc1));
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + k), _mm512_i32gather_ps(c0, x, 4), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(values + k + 16), _mm512_i32gather_ps(c1, x, 4), acc1);
+  }
+  while (k < end) {
+    const int64_t n = tn_min<int64_t>(16, end - k);
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+    const __m512i c = _mm512_maskz_loadu_epi32(m, col + k);
+    if (_mm512_mask_cmpge_epu32_mask(m, c, limit)) break;
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, values + k),
+                           _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, c, x, 4), acc0);
+    k += n;
+  }
+  return vf_sum(_mm512_add_ps(acc0, acc1));
+#else  // AVX2: 8 lanes, signed compares (n_in < 2^31)
+  const __m256i last = _mm256_set1_epi32(static_cast<int32_t>(n_in) - 1);
+  const __m256i zero = _mm256_setzero_si256();
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; k + 16 <= end; k += 16) {
+    const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + k));
+    const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + k + 8));
+    const __m256i bad = _mm256_or_si256(
+        _mm256_or_si256(_mm256_cmpgt_epi32(c0, last), _mm256_cmpgt_epi32(zero, c0)),
+        _mm256_or_si256(_mm256_cmpgt_epi32(c1, last), _mm256_cmpgt_epi32(zero, c1)));
+    if (!_mm256_testz_si256(bad, bad)) return vf_sum(_mm256_add_ps(acc0, acc1));
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + k), _mm256_i32gather_ps(x, c0, 4), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(values + k + 8), _mm256_i32gather_ps(x, c1, 4), acc1);
+  }
+  alignas(32) static const int32_t kFirst[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                                 0, 0, 0, 0, 0, 0, 0, 0};
+  while (k < end) {
+    const int64_t n = tn_min<int64_t>(8, end - k);
+    const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirst + 8 - n));
+    const __m256i c = _mm256_maskload_epi32(col + k, m);
+    const __m256i bad = _mm256_and_si256(
+        m, _mm256_or_si256(_mm256_cmpgt_epi32(c, last), _mm256_cmpgt_epi32(zero, c)));
+    if (!_mm256_testz_si256(bad, bad)) break;
+    acc0 = _mm256_fmadd_ps(
+        _mm256_maskload_ps(values + k, m),
+        _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, c, _mm256_castsi256_ps(m), 4), acc0);
+    k += n;
+  }
+  return vf_sum(_mm256_add_ps(acc0, acc1));
+#endif
+}
+#endif
+
 template <typename S, typename I>
 inline bool row_range(const I* crow, int64_t r, int64_t nnz, int64_t& start, int64_t& end,
                       KernelError& err) {
@@ -345,6 +404,15 @@ inline void spmm_row_single(const SpmmArgs<S, I>& a, int64_t r, int64_t start, i
   const uint64_t n_in = (uint64_t)a.n_in;
   int64_t k = start;
 #ifdef TORCH_NERVA_VECTOR16
+  if constexpr (sizeof(S) == 4 && sizeof(I) == 4) {  // float32 values, int32 indices
+    // measured on AVX-512 (Zen 4) and AVX2: the gathers pay off from about 32 nonzeros a row;
+    // shorter rows keep the scalar loop below
+    if (!a.perm && n_in < (1ull << 31) && end - start >= 32) {
+      acc[0] = dot_gather(reinterpret_cast<const float*>(a.values),
+                          reinterpret_cast<const int32_t*>(a.col),
+                          reinterpret_cast<const float*>(a.xt), (uint32_t)n_in, k, end);
+    }
+  }
   if constexpr (vector16<S>()) {
     // the four partial sums as one float vector: the same sums, without a scalar conversion
     // (and a move between register files) per element

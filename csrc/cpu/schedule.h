@@ -25,10 +25,12 @@ inline int64_t phase_threads() {
 }
 
 // How many chunks a phase of `work` units is split into on `threads` threads: serial below
-// 32768 units; otherwise more chunks than threads (up to 8 per thread, at least ~16k units
-// each), so that a thread the OS has descheduled leaves little for the others to wait on.
+// 16384 units (about 10 us of SpMM; 32768 before, lowered so that the first layer of a
+// batch-1 inference runs on 2 threads: paper MLP 34 -> 28 us, docs/scheduling.md); otherwise
+// more chunks than threads (up to 8 per thread, at least ~16k units each), so that a thread the
+// OS has descheduled leaves little for the others to wait on.
 inline int64_t phase_chunks(int64_t work, int64_t threads, int64_t max_chunks) {
-  if (work < 32768 || threads <= 1) return 1;
+  if (work < 16384 || threads <= 1) return 1;
   const int64_t want = std::max<int64_t>(threads, std::min<int64_t>(8 * threads, work / 16384));
   return std::max<int64_t>(1, std::min(want, max_chunks));
 }

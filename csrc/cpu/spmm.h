@@ -15,6 +15,14 @@
 namespace torch_nerva {
 namespace cpu {
 
+// yt (n_out x ld) from xt (n_in x ld) and a CSR with n_out rows over n_in columns, optionally
+// clamped to [lo, hi]; `batch` columns are meaningful (all ld are computed).
+at::Tensor spmm_feature_major(const char* op, const at::Tensor& xt, int64_t batch,
+                              const at::Tensor& values, const at::Tensor& crow,
+                              const at::Tensor& col, const at::Tensor& perm,
+                              const at::Tensor& bias, bool clamp = false, double lo = 0,
+                              double hi = 0);
+
 // y (batch x n_out) from xt (n_in x ld) and a CSR with n_out rows over n_in columns.
 at::Tensor spmm_transposed(const char* op, const at::Tensor& xt, int64_t batch,
                            const at::Tensor& values, const at::Tensor& crow,

@@ -14,15 +14,10 @@
 
 namespace torch_nerva {
 namespace cpu {
-namespace {
-
-// yt (n_out x ld) from xt (n_in x ld) and a CSR with n_out rows over n_in columns, optionally
-// clamped to [lo, hi]; `batch` columns are meaningful (all ld are computed).
 at::Tensor spmm_feature_major(const char* op, const at::Tensor& xt, int64_t batch,
                               const at::Tensor& values, const at::Tensor& crow,
                               const at::Tensor& col, const at::Tensor& perm,
-                              const at::Tensor& bias, bool clamp = false, double lo = 0,
-                              double hi = 0) {
+                              const at::Tensor& bias, bool clamp, double lo, double hi) {
   const int64_t n_out = crow.numel() - 1, n_in = xt.size(0), n_pos = col.numel();
   at::Tensor yt = at::empty({n_out, xt.size(1)}, xt.options());
   if (batch == 0 || n_out == 0) return yt;
@@ -51,8 +46,6 @@ at::Tensor spmm_feature_major(const char* op, const at::Tensor& xt, int64_t batc
   });
   return yt;
 }
-
-}  // namespace
 
 at::Tensor spmm_transposed(const char* op, const at::Tensor& xt, int64_t batch,
                            const at::Tensor& values, const at::Tensor& crow,

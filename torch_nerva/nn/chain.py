@@ -5,16 +5,16 @@ In an ``nn.Sequential``, a run of :class:`SparseLinear` layers, each optionally 
 ``inference_mode``) such a run does not need what training needs (the transposed input saved
 for the backward, the autograd node, the transposes back to batch-major between layers), so a
 :class:`FusedSequential` keeps the activations feature-major (features x batch) through the
-whole run and calls one kernel per layer (``csr_spmm_fm``, with the ReLU fused into its store):
-a batch-1 input is its own transpose, so the run costs the kernels and one Python call per
-layer. Only batches smaller than :data:`SMALL_BATCH` take it. Results are those of the unfused model, NaN/Inf semantics included (a non-finite
-activation anywhere in the run sends the call through the ordinary layers, which apply dense
-math's rule). With autograd recording, under autocast or torch.func, with hooks on a layer, or
-for a layer with an explicit non-native backend, the ordinary path runs.
+whole run and computes it in one op call (``csr_chain_fm``: one kernel per layer, the ReLU
+fused into its store): a batch-1 input is its own transpose, so the run costs the kernels and
+one call. Only batches smaller than :data:`SMALL_BATCH` take it. Results are those of the
+unfused model, NaN/Inf semantics included (the op applies dense math's rule to every layer
+whose input holds a non-finite value, as the ordinary layers do). With autograd recording,
+under autocast or torch.func, with hooks on a layer, or for a layer with an explicit
+non-native backend, the ordinary path runs.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Tuple, Union
 
 import torch
@@ -23,8 +23,7 @@ from torch import Tensor, nn
 from ..functional import _functorch_active
 from .linear import SparseLinear
 
-_fm = torch.ops.torch_nerva.csr_spmm_fm.default
-_INF = float("inf")
+_chain = torch.ops.torch_nerva.csr_chain_fm.default
 #: Batches from this size on take the ordinary path: the feature-major chain was measured to
 #: help small batches (batch-1 inference: no transposes at all) and not large ones, whose
 #: transposes the ordinary kernels amortise.
@@ -94,8 +93,7 @@ def _fusable(run: List[Tuple[SparseLinear, bool]], x: Tensor) -> bool:
 
 
 def _run(run: List[Tuple[SparseLinear, bool]], x: Tensor) -> Tensor:
-    """One run, feature-major; falls back to the ordinary layers when it cannot be fused or an
-    activation is not finite."""
+    """One run, feature-major in one op call; the ordinary layers when it cannot be fused."""
     if not _fusable(run, x):
         return _plain(run, x)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -103,16 +101,10 @@ def _run(run: List[Tuple[SparseLinear, bool]], x: Tensor) -> Tensor:
     if batch >= SMALL_BATCH or batch * max(4, x2.element_size()) >= 64 or batch == 0:
         return _plain(run, x)  # (and below one 64-byte vector: the kernel needs no padding)
     # a batch of one is its own transpose
-    yt = x2.view(-1, 1) if batch == 1 else x2.t().contiguous()
-    seen = yt.sum()  # a sum is finite only if every term is: one reduction per activation
-    for k, (layer, relu) in enumerate(run):
-        if k:
-            seen += yt.sum()  # the input of every layer is checked (dense NaN/Inf rule)
-        p = layer._parameters
-        yt = _fm(yt, p["values"].view(-1), layer.crow_indices, layer.col_indices, p["bias"],
-                 0.0 if relu else None, _INF if relu else None)
-    if not math.isfinite(seen.item()):
-        return _plain(run, x)
+    yt = x2.reshape(-1, 1).contiguous() if batch == 1 else x2.t().contiguous()
+    yt = _chain(yt, [layer._parameters["values"] for layer, _ in run],
+                [layer.crow_indices for layer, _ in run], [layer.col_indices for layer, _ in run],
+                [layer._parameters["bias"] for layer, _ in run], [int(relu) for _, relu in run])
     y = yt.view(1, -1) if batch == 1 else yt.t().contiguous()
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
