@@ -16,7 +16,13 @@ each case interleaved with its masked twin (benchmarks/common.py ``time_interlea
   per density;
 * ``mlp_step``: the paper MLP 3072-1024-512-10 (ER densities), one training step (forward,
   cross-entropy, backward, SGD momentum 0.9 Nesterov step, zero_grad), batch 100, per density;
-* ``batch1``: a forward of one input through that MLP under ``torch.inference_mode()``.
+* ``batch1``: a forward of one input through that MLP under ``torch.inference_mode()``;
+* ``batch1_fused``: the same with the CSR model through ``tn.fuse_for_inference`` (one op call
+  for the whole chain), the masked twin as in ``batch1``;
+* ``graphchallenge``: the Graph Challenge engine (``graphchallenge.infer``, pruning dead
+  inputs) on the RadiX-Net network of 1024 neurons (``--gc-layers`` layers, ``--gc-inputs``
+  digit inputs; density 32/1024). It has no masked twin: its rows give the CSR side only, and
+  the rate (inputs x edges / second) follows from the median.
 
 The conditions alternate ``--rounds`` times (idle, loaded, idle, loaded, ...; a fresh busy
 process each loaded round) and the samples of a condition are pooled over the rounds. Printed
@@ -46,6 +52,7 @@ import torch.nn.functional as F
 import torch_nerva as tn
 from common import environment, failure_status, restored_threads, time_interleaved, write_results
 from mlp_step import mlp
+from torch_nerva import graphchallenge as gc
 from torch_nerva.compare.report import read_loadavg
 
 # The busy child: pin to one core, die with the parent, spin until the deadline.
@@ -70,7 +77,8 @@ FIELDS = ["case", "density", "nnz", "threads", "condition", "method", "n", "medi
           "p90_us", "p90_over_median", "ratio_to_masked", "loaded_over_idle",
           "p90_over_idle_median", "speedup_vs_1_thread", "load1_before", "load1_after",
           "status", "note"]
-CASES = ("layer", "mlp_step", "batch1")
+CASES = ("layer", "mlp_step", "batch1", "batch1_fused", "graphchallenge")
+BATCH1_CASES = ("batch1", "batch1_fused")
 METHODS = ("masked", "csr")
 
 
@@ -205,8 +213,9 @@ def layer_case(density: float, args: argparse.Namespace) -> Tuple[int, Calls, Ca
     return sparse.nnz, calls, setup
 
 
-def mlp_cases(density: float, args: argparse.Namespace) -> Tuple[int, Calls, Calls]:
-    """nnz, the training steps of the MLP and its twin, their batch-1 inferences."""
+def mlp_cases(density: float, args: argparse.Namespace) -> Tuple[int, Calls, Calls, Calls]:
+    """nnz, the training steps of the MLP and its twin, their batch-1 inferences (plain, and
+    the CSR model fused for inference)."""
     sparse = tn.sparsify(mlp(args.hidden), density, distribution="er",
                          generator=torch.Generator().manual_seed(args.seed))
     masked = tn.to_masked(sparse)
@@ -214,8 +223,16 @@ def mlp_cases(density: float, args: argparse.Namespace) -> Tuple[int, Calls, Cal
     x = torch.randn(args.batch, 3072, generator=gen)
     y = torch.randint(10, (args.batch,), generator=gen)
     check_twins(sparse, masked, x)
-    steps, infers = {}, {}
+    steps, infers, fused_infers = {}, {}, {}
     x1 = x[:1].clone()
+    fused = tn.fuse_for_inference(sparse.eval())
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x1), sparse(x1), rtol=1e-5, atol=1e-5)
+    sparse.train()
+
+    def infer_fused():
+        with torch.inference_mode():
+            fused(x1)
     for name, model in (("masked", masked), ("csr", sparse)):
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
 
@@ -228,8 +245,22 @@ def mlp_cases(density: float, args: argparse.Namespace) -> Tuple[int, Calls, Cal
             with torch.inference_mode():
                 model(x1)
         steps[name], infers[name] = step, infer
+    fused_infers.update(masked=infers["masked"], csr=infer_fused)
     nnz = sum(m.nnz for m in sparse.modules() if isinstance(m, tn.SparseLinear))
-    return nnz, steps, infers
+    return nnz, steps, infers, fused_infers
+
+
+def graphchallenge_case(args: argparse.Namespace) -> Tuple[int, Calls]:
+    """nnz and the engine's call (CSR only) on the 1024-neuron network."""
+    neurons = 1024
+    layers = [gc.generate_layer(neurons, i, seed=args.seed) for i in range(args.gc_layers)]
+    y0 = gc.make_inputs(neurons, args.gc_inputs, seed=args.seed)
+    expected = gc.infer(layers, y0, gc.BIAS[neurons], prune=False)
+    assert torch.equal(gc.infer(layers, y0, gc.BIAS[neurons]), expected), "pruning changed it"
+
+    def engine():
+        gc.infer(layers, y0, gc.BIAS[neurons])
+    return sum(m.nnz for m in layers), {"csr": engine}
 
 
 # -- statistics ---------------------------------------------------------------------------------
@@ -290,7 +321,7 @@ def build_cases(args: argparse.Namespace) -> Tuple[List[Tuple[str, float, Calls,
     known before timing (nnz, status, note)."""
     cases, info = [], {}
     for density in args.densities:
-        for case in CASES:
+        for case in CASES[:-1]:
             info[(case, density)] = dict(status="ok", note="")
         try:
             nnz, calls, setup = layer_case(density, args)
@@ -298,14 +329,25 @@ def build_cases(args: argparse.Namespace) -> Tuple[List[Tuple[str, float, Calls,
             info[("layer", density)]["nnz"] = nnz
         except Exception as e:  # recorded, not fatal
             info[("layer", density)].update(status=_status(e), note=repr(e)[:200])
+        mlp_names = ("mlp_step", "batch1", "batch1_fused")
         try:
-            nnz, steps, infers = mlp_cases(density, args)
-            cases += [("mlp_step", density, steps, {}), ("batch1", density, infers, {})]
-            for case in ("mlp_step", "batch1"):
+            nnz, steps, infers, fused = mlp_cases(density, args)
+            cases += [("mlp_step", density, steps, {}), ("batch1", density, infers, {}),
+                      ("batch1_fused", density, fused, {})]
+            for case in mlp_names:
                 info[(case, density)]["nnz"] = nnz
         except Exception as e:  # recorded, not fatal
-            for case in ("mlp_step", "batch1"):
+            for case in mlp_names:
                 info[(case, density)].update(status=_status(e), note=repr(e)[:200])
+    if args.gc_layers > 0:
+        density = 32 / 1024
+        info[("graphchallenge", density)] = dict(status="ok", note="")
+        try:
+            nnz, calls = graphchallenge_case(args)
+            cases.append(("graphchallenge", density, calls, {}))
+            info[("graphchallenge", density)]["nnz"] = nnz
+        except Exception as e:  # recorded, not fatal
+            info[("graphchallenge", density)].update(status=_status(e), note=repr(e)[:200])
     return cases, info
 
 
@@ -323,7 +365,10 @@ def run(args: argparse.Namespace, log=print) -> Tuple[List[Dict[str, Any]], Dict
         for threads in thread_counts:
             for condition in ("idle", "loaded"):
                 for method in METHODS:
-                    base[(case, density, threads, condition, method)] = dict(fields)
+                    row = dict(fields)
+                    if case == "graphchallenge" and method == "masked":
+                        row.update(status="n/a", note="the engine has no masked twin")
+                    base[(case, density, threads, condition, method)] = row
     blocks = []
     for rnd in range(args.rounds):
         for condition in ("idle", "loaded"):
@@ -342,7 +387,8 @@ def run(args: argparse.Namespace, log=print) -> Tuple[List[Dict[str, Any]], Dict
                 for threads in thread_counts:
                     with restored_threads(threads):
                         for case, density, calls, setup in cases:
-                            reps = args.infer_reps if case == "batch1" else args.reps
+                            reps = (args.infer_reps if case in BATCH1_CASES else
+                                    args.gc_reps if case == "graphchallenge" else args.reps)
                             times, errors = time_interleaved(calls, reps, setup=setup)
                             for method in METHODS:
                                 key = (case, density, threads, condition, method)
@@ -405,7 +451,7 @@ def _time(row: Optional[Dict[str, Any]]) -> str:
     """``median / p90`` in ms (us for batch-1 calls)."""
     if not row or row.get("median_us") is None:
         return "-" if not row else row.get("status", "-")
-    scale, spec = (1, ".0f") if row["case"] == "batch1" else (1e-3, ".2f")
+    scale, spec = (1, ".0f") if row["case"] in BATCH1_CASES else (1e-3, ".2f")
     return f"{row['median_us'] * scale:{spec}} / {row['p90_us'] * scale:{spec}}"
 
 
@@ -459,6 +505,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, nargs="+", default=[1024, 512])
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--gc-layers", type=int, default=120,
+                   help="layers of the Graph Challenge network (1024 neurons); 0 skips it")
+    p.add_argument("--gc-inputs", type=int, default=2000)
+    p.add_argument("--gc-reps", type=int, default=8,
+                   help="timed Graph Challenge inferences per round and condition")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke run (tiny layer and MLP, density 0.1, 3 reps)")
@@ -467,10 +518,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.layer, args.hidden, args.batch, args.densities = [256, 64], [64, 32], 8, [0.1]
         args.reps, args.infer_reps, args.rounds = 3, 5, 1
+        args.gc_layers, args.gc_inputs, args.gc_reps = 3, 40, 2
         args.busy_timeout = min(args.busy_timeout, 120.0)
     if args.busy_core is None:
         args.busy_core = max(os.sched_getaffinity(0))
-    for name in ("threads", "reps", "infer_reps", "rounds", "batch"):
+    for name in ("threads", "reps", "infer_reps", "rounds", "batch", "gc_inputs", "gc_reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not all(0 < d <= 1 for d in args.densities):
@@ -493,7 +545,12 @@ def main(argv=None) -> int:
               f"rounds of {args.reps} calls ({args.infer_reps} batch-1) per twin")
         rows, meta = run(args)
     print(table(rows))
-    print("# med / p90 in ms (batch1: us); CSR/masked = median ratio; slowdown = loaded median "
+    for r in rows:
+        if r["case"] == "graphchallenge" and r["method"] == "csr" and r.get("median_us"):
+            rate = args.gc_inputs * 32 * 1024 * args.gc_layers / (r["median_us"] * 1e-6)
+            print(f"# Graph Challenge 1024 x {args.gc_layers}, {args.gc_inputs} inputs, "
+                  f"{r['threads']} threads, {r['condition']}: {rate:.3g} edges/s (median)")
+    print("# med / p90 in ms (batch1, batch1_fused: us); CSR/masked = median ratio; slowdown = loaded median "
           "/ idle median; 2nd-thread speedup = 1-thread median / N-thread median")
     csv_path = write_results(args.out, "busy", rows, FIELDS, meta)
     print(f"# wrote {csv_path} and {csv_path.with_suffix('.json')}")

@@ -101,9 +101,14 @@ def test_quick_run_writes_every_row_and_leaves_no_busy_process(tmp_path, capsys)
     assert keys == {(c, t, cond, m) for c in busy.CASES for t in ("2", "1")
                     for cond in ("idle", "loaded") for m in busy.METHODS}
     for r in rows:
+        if r["case"] == "graphchallenge" and r["method"] == "masked":
+            assert r["status"] == "n/a" and not r["median_us"]  # the engine has no twin
+            continue
         assert r["status"] == "ok", r["note"]
         assert float(r["median_us"]) > 0 and float(r["p90_us"]) >= float(r["median_us"])
-        assert float(r["ratio_to_masked"]) > 0 and int(r["nnz"]) > 0
+        assert int(r["nnz"]) > 0
+        if r["case"] != "graphchallenge":
+            assert float(r["ratio_to_masked"]) > 0
         if r["condition"] == "loaded":
             assert float(r["loaded_over_idle"]) > 0
         if r["threads"] == "2":

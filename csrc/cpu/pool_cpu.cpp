@@ -234,8 +234,8 @@ int64_t now_ns() {
 // kMaxBackoffNs) and halves with every region that does not. Serial and parallel runs give
 // bit-identical results (chunks own their outputs), so the guard changes timings only.
 constexpr int64_t kStallNs = 250 * 1000;
-constexpr int64_t kMinBackoffNs = 5 * 1000 * 1000;
-constexpr int64_t kMaxBackoffNs = 500 * 1000 * 1000;
+constexpr int64_t kMinBackoffNs = 20 * 1000 * 1000;
+constexpr int64_t kMaxBackoffNs = 2000 * 1000 * 1000;
 std::atomic<int64_t> g_serial_until{0};
 std::atomic<int64_t> g_backoff{0};
 std::atomic<int64_t> g_stalls{0};
