@@ -1,8 +1,12 @@
-"""Sparse layers: :class:`SparseLinear` (truly sparse, CSR) and its masked twin
-:class:`MaskedLinear` (``linear.py``); attention built on them (``attention.py``)."""
+"""Sparse layers. ``_sparse.py``: :class:`SparseWeightModule`, the core every truly sparse layer
+type shares (values, CSR topology and its caches, state dict, topology replacement);
+``linear.py``: :class:`SparseLinear` on it and its masked twin :class:`MaskedLinear`;
+``attention.py``: attention built on them; ``chain.py``: fused inference. A new layer type is a
+new file with a subclass of SparseWeightModule."""
+from ._sparse import SparseWeightModule
 from .linear import MaskedLinear, SparseLinear
 from .attention import SparseMultiheadAttention
 from .chain import FusedSequential, fuse_for_inference
 
-__all__ = ["SparseLinear", "MaskedLinear", "SparseMultiheadAttention", "FusedSequential",
+__all__ = ["SparseWeightModule", "SparseLinear", "MaskedLinear", "SparseMultiheadAttention", "FusedSequential",
            "fuse_for_inference"]
