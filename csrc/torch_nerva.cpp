@@ -38,6 +38,20 @@ TORCH_LIBRARY(torch_nerva, m) {
   m.def("sparse_linear_backward(Tensor grad, Tensor xt, Tensor values, Tensor crow, "
         "Tensor col, Tensor crow_t, Tensor col_t, Tensor perm, bool input_grad, "
         "bool values_grad) -> (Tensor, Tensor)");
+  // 2-D convolution with a sparse weight W (out_channels x in_channels / groups * kh * kw, CSR,
+  // column c = (ci_local * kh + ky) * kw + kx as in nn.Conv2d.weight.reshape(out, -1)) on NCHW
+  // input x: F.conv2d(x, W, bias, stride, padding, dilation, groups) with zero padding, direct
+  // (no dense weight, no im2col). crow_t, col_t, perm: W^T from csr_transpose, used by the
+  // backward (CPU; autograd in torch_nerva/ops.py).
+  m.def("sparse_conv2d(Tensor x, Tensor values, Tensor? bias, Tensor crow, Tensor col, "
+        "Tensor crow_t, Tensor col_t, Tensor perm, int[2] kernel, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // (dX, dvalues) of sparse_conv2d from dY; a gradient not asked for is an empty tensor and
+  // not computed.
+  m.def("sparse_conv2d_backward(Tensor grad, Tensor x, Tensor values, Tensor crow, Tensor col, "
+        "Tensor crow_t, Tensor col_t, Tensor perm, int[2] kernel, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, bool input_grad, bool values_grad) "
+        "-> (Tensor, Tensor)");
   // Full validation of a CSR topology (O(nnz)); raises a clear error on the first problem.
   m.def("csr_check(Tensor crow, Tensor col, SymInt n_rows, SymInt n_cols) -> ()");
   // Test helper: how many distinct threads at::parallel_for used for n work items.

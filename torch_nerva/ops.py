@@ -15,6 +15,10 @@ The ops (schemas in ``csrc/torch_nerva.cpp``):
   values_grad) -> (dx, dvalues)``: both gradients from one transpose of ``grad``; a gradient not
   asked for is an empty tensor and is not computed. Double backward is not supported.
 - ``csr_check(crow, col, n_rows, n_cols)``: full O(nnz) validation with a clear error.
+- ``sparse_conv2d(x, values, bias, crow, col, crow_t, col_t, perm, kernel, stride, padding,
+  dilation, groups)``: ``F.conv2d`` with a CSR weight of shape (out, in / groups * kh * kw), direct
+  on NCHW input (CPU, float32/float64); ``sparse_conv2d_backward(grad, x, ..., input_grad,
+  values_grad) -> (dx, dvalues)`` its gradients (autograd below).
 
 The kernels check every index they read (a malformed layout raises, it is never read out of
 bounds); sortedness and duplicates are checked by ``csr_check`` when a layout is built.
@@ -213,6 +217,86 @@ torch.library.register_autograd("torch_nerva::csr_sddmm", _sddmm_backward,
 # Autograd of sparse_linear is registered in C++ (csrc/autograd.cpp): dX = dY W by the SpMM
 # kernel on the cached transpose, dvalues = SDDMM(dY, X) at W's nonzeros from the transposed
 # input saved by the forward, dbias = sum_b dY; only the gradients autograd asks for.
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse 2-D convolution (CPU): W is a CSR of shape (out_channels, in_channels / groups * kh * kw),
+# column c = (ci_local * kh + ky) * kw + kx (the order of nn.Conv2d.weight.reshape(out, -1)).
+
+def _pair(v, name: str) -> List[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    if len(v) != 2:
+        raise ValueError(f"sparse_conv2d: {name} must be an int or a pair, got {v}")
+    return v
+
+
+def conv2d_output_size(h, w, kernel, stride, padding, dilation):
+    """(ho, wo) of F.conv2d for an (h, w) input."""
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+
+
+def sparse_conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tensor, col: Tensor,
+                  crow_t: Tensor, col_t: Tensor, perm: Tensor, kernel, stride=1, padding=0,
+                  dilation=1, groups: int = 1) -> Tensor:
+    """``F.conv2d(x, W, bias, stride, padding, dilation, groups)`` for the CSR weight ``W``
+    (``crow``, ``col``, ``values``) with its transpose ``crow_t, col_t, perm =
+    csr_transpose(crow, col, in_channels // groups * kh * kw)``; differentiable in ``x``,
+    ``values`` and ``bias``. ``x`` is NCHW (other layouts are made contiguous), float32 or
+    float64."""
+    return _ops.sparse_conv2d(x, values, bias, crow, col, crow_t, col_t, perm,
+                              _pair(kernel, "kernel"), _pair(stride, "stride"),
+                              _pair(padding, "padding"), _pair(dilation, "dilation"), groups)
+
+
+@torch.library.register_fake("torch_nerva::sparse_conv2d")
+def _sparse_conv2d_fake(x, values, bias, crow, col, crow_t, col_t, perm, kernel, stride, padding,
+                        dilation, groups):
+    _check_devices("sparse_conv2d", x=x, values=values, bias=bias, crow=crow, col=col,
+                   crow_t=crow_t, col_t=col_t, perm=perm)
+    torch._check(x.dim() == 4, lambda: f"sparse_conv2d: x must be 4-D, got {x.dim()}-D")
+    torch._check(values.dtype == x.dtype, lambda: "sparse_conv2d: values and x dtypes differ")
+    ho, wo = conv2d_output_size(x.shape[2], x.shape[3], kernel, stride, padding, dilation)
+    torch._check(ho >= 1 and wo >= 1, lambda: "sparse_conv2d: the output would be empty")
+    return x.new_empty((x.shape[0], crow.shape[0] - 1, ho, wo))
+
+
+@torch.library.register_fake("torch_nerva::sparse_conv2d_backward")
+def _sparse_conv2d_backward_fake(grad, x, values, crow, col, crow_t, col_t, perm, kernel, stride,
+                                 padding, dilation, groups, input_grad, values_grad):
+    _check_devices("sparse_conv2d_backward", grad=grad, x=x, values=values, crow=crow, col=col,
+                   crow_t=crow_t, col_t=col_t, perm=perm)
+    grad_x = x.new_empty(x.shape if input_grad else (0,))
+    grad_values = x.new_empty((col.shape[0],) if values_grad else (0,))
+    return grad_x, grad_values
+
+
+def _conv_setup(ctx, inputs, output):
+    x, values, bias, crow, col, crow_t, col_t, perm, kernel, stride, padding, dilation, groups = \
+        inputs
+    ctx.save_for_backward(x, values, crow, col, crow_t, col_t, perm)
+    ctx.params = (kernel, stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+
+
+def _conv_backward(ctx, grad):
+    x, values, crow, col, crow_t, col_t, perm = ctx.saved_tensors
+    need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x = grad_values = grad_bias = None
+    if need_x or need_v:
+        gx, gv = _ops.sparse_conv2d_backward(grad.contiguous(), x, values, crow, col, crow_t,
+                                             col_t, perm, *ctx.params, need_x, need_v)
+        grad_x = gx if need_x else None
+        grad_values = gv if need_v else None
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = grad.sum((0, 2, 3))
+    return (grad_x, grad_values, grad_bias) + (None,) * 10
+
+
+torch.library.register_autograd("torch_nerva::sparse_conv2d", _conv_backward,
+                                setup_context=_conv_setup)
 
 
 if hasattr(_ops, "mkl_spmm"):
