@@ -28,6 +28,7 @@ from . import backends  # noqa: E402
 from .functional import sparse_linear  # noqa: E402
 from .layout import CSRLayout  # noqa: E402
 from .nn.linear import MaskedLinear, SparseLinear  # noqa: E402
+from .nn.conv import MaskedConv2d, SparseConv2d  # noqa: E402
 from .convert import DenseWeightsWarning, densify, sparsify, to_masked, to_sparse  # noqa: E402
 from .nn.attention import SparseMultiheadAttention  # noqa: E402
 from .nn.chain import fuse_for_inference  # noqa: E402
@@ -40,6 +41,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SparseLinear",
     "MaskedLinear",
+    "SparseConv2d",
+    "MaskedConv2d",
     "SparseMultiheadAttention",
     "DenseWeightsWarning",
     "fuse_for_inference",

@@ -95,17 +95,20 @@ def layer_densities(shapes: Sequence[Tuple[int, int]], density: float,
             for k, (o, i) in zip(layer_nnz(shapes, density, distribution), shapes)]
 
 
-def xavier_bound(nnz: int, in_features: int, out_features: int) -> float:
-    """a = sqrt(6 / (d (in + out))) with d = nnz / (in x out) the realised density."""
+def xavier_bound(nnz: int, in_features: int, out_features: int,
+                 total: Optional[int] = None) -> float:
+    """a = sqrt(6 / (d (in + out))) with d = nnz / total the realised density (``total``: the
+    number of weights, in x out unless given: a convolution's fans count kernel positions)."""
     if nnz == 0:
         return 0.0
-    d = nnz / (in_features * out_features)
+    d = nnz / (in_features * out_features if total is None else total)
     return math.sqrt(6.0 / (d * (in_features + out_features)))
 
 
 def init_values(nnz: int, in_features: int, out_features: int, *, dtype=None,
-                generator: Optional[torch.Generator] = None) -> Tensor:
-    a = xavier_bound(nnz, in_features, out_features)
+                generator: Optional[torch.Generator] = None, total: Optional[int] = None
+                ) -> Tensor:
+    a = xavier_bound(nnz, in_features, out_features, total)
     return torch.empty(nnz, dtype=dtype or torch.get_default_dtype()).uniform_(-a, a, generator=generator)
 
 

@@ -1,0 +1,332 @@
+"""SparseConv2d (truly sparse, CSR; on the shared core of ``_sparse.py``) and MaskedConv2d
+(dense weight x fixed mask): drop-ins for ``nn.Conv2d``.
+
+The weight of a 2-D convolution is seen as the matrix ``(out_channels, in_channels / groups *
+kh * kw)`` (``nn.Conv2d.weight.reshape(out_channels, -1)``); its nonzeros are stored in CSR like
+a linear layer's. The forward, the input gradient and the values gradient are the direct sparse
+convolution kernels of ``csrc/cpu/conv_cpu.cpp`` (work proportional to nnz x output pixels; no
+dense weight, no im2col buffer). Both classes take the same constructor and draw the same random
+numbers in the same order (topology, then values, then bias), so equally seeded generators give
+identical initial weights.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import backends
+from ..init import init_bias, init_values
+from ..layout import CSRLayout
+from ._sparse import SparseWeightModule, keep_largest
+from .linear import _make_layout
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _pair(v, name: str, low: int) -> Tuple[int, int]:
+    t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v)
+    if len(t) != 2 or not all(isinstance(e, int) and not isinstance(e, bool) and e >= low
+                              for e in t):
+        raise ValueError(f"{name} must be an int >= {low} or a pair of them, got {v!r}")
+    return t
+
+
+class _ConvBase(nn.Module):
+    """The constructor SparseConv2d and MaskedConv2d share (``nn.Conv2d``'s arguments and
+    checks), and their random stream."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
+                 padding: Union[int, Tuple[int, int], str] = 0, dilation=1, groups: int = 1,
+                 bias: bool = True, padding_mode: str = "zeros", *,
+                 density: Optional[float] = None, mask: Optional[Tensor] = None,
+                 nnz: Optional[int] = None, backend: str = "auto", device=None, dtype=None,
+                 generator: Optional[torch.Generator] = None, index_dtype=None) -> None:
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
+                        ("groups", groups)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "groups" else 0):
+                raise ValueError(f"{name} must be a {'positive' if name == 'groups' else 'non-negative'}"
+                                 f" int, got {v!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
+                             f"must be divisible by groups ({groups})")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride = _pair(stride, "stride", 1)
+        self.dilation = _pair(dilation, "dilation", 1)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got "
+                                 f"{padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding, "padding", 0)
+        self.padding_mode = padding_mode
+        self.backend = backends.check(backend)
+        if backend not in ("auto", "native", "dense"):
+            raise ValueError(f"{type(self).__name__} supports backend 'auto', 'native' or "
+                             f"'dense', got {backend!r}")
+        rows, cols = self.matrix_shape
+        if mask is not None and isinstance(mask, Tensor) and mask.dim() == 4:
+            if tuple(mask.shape) != self.weight_shape:
+                raise ValueError(f"mask must have the weight's shape {self.weight_shape} (or "
+                                 f"the matrix shape {(rows, cols)}), got {tuple(mask.shape)}")
+            mask = mask.reshape(rows, cols)
+        layout = _make_layout(cols, rows, density, mask, nnz, generator, index_dtype)
+        kh, kw = self.kernel_size
+        values = init_values(layout.nnz, cols, out_channels * kh * kw, dtype=dtype,
+                             generator=generator, total=rows * cols)
+        self._init_weight(layout, values, device)
+        if bias:
+            self.bias = nn.Parameter(init_bias(cols, out_channels, dtype=dtype,
+                                               generator=generator).to(device))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def weight_shape(self) -> Tuple[int, int, int, int]:
+        """The shape of ``nn.Conv2d.weight``: (out, in / groups, kh, kw)."""
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    @property
+    def matrix_shape(self) -> Tuple[int, int]:
+        """(out_channels, in_channels / groups x kh x kw): the weight as a matrix."""
+        kh, kw = self.kernel_size
+        return (self.out_channels, self.in_channels // self.groups * kh * kw)
+
+    @property
+    def fan_in(self) -> int:
+        return self.matrix_shape[1]
+
+    @property
+    def fan_out(self) -> int:
+        return self.out_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def output_size(self, height: int, width: int) -> Tuple[int, int]:
+        """(Ho, Wo) for an input of ``height`` x ``width`` (as ``nn.Conv2d``)."""
+        if self.padding == "same":
+            return height, width
+        pads = (0, 0) if self.padding == "valid" else self.padding
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                     zip((height, width), pads, self.dilation, self.kernel_size, self.stride))
+
+    def flops_per_example(self, height: int = 1, width: int = 1) -> int:
+        """2 x nnz x output pixels for an input of ``height`` x ``width``."""
+        ho, wo = self.output_size(height, width)
+        return 2 * self.nnz * max(ho, 0) * max(wo, 0)
+
+    def _padded(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """The input padded as ``nn.Conv2d`` pads it, and the symmetric zero padding left for
+        the kernel."""
+        if self.padding == "valid":
+            pads = (0, 0)
+        elif self.padding == "same":
+            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            left = [t // 2 for t in totals]
+            extra = [t - 2 * lo for t, lo in zip(totals, left)]
+            if self.padding_mode != "zeros":
+                x = F.pad(x, (left[1], totals[1] - left[1], left[0], totals[0] - left[0]),
+                          mode=self.padding_mode)
+                return x, (0, 0)
+            if any(extra):  # asymmetric: the extra row / column at the end, as nn.Conv2d
+                x = F.pad(x, (0, extra[1], 0, extra[0]))
+            return x, (left[0], left[1])
+        else:
+            pads = self.padding
+        if self.padding_mode != "zeros" and any(pads):
+            x = F.pad(x, (pads[1], pads[1], pads[0], pads[0]), mode=self.padding_mode)
+            return x, (0, 0)
+        return x, pads
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else \
+                f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + f", nnz={self.nnz}, density={self.density:.4g}"
+
+    @classmethod
+    def _conv_args(cls, conv: nn.Conv2d) -> dict:
+        return dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
+                    kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                    padding_mode=conv.padding_mode)
+
+
+def _conv_keep(conv: nn.Conv2d, density, mask) -> Tensor:
+    """The boolean (out, in / groups, kh, kw) pattern kept from a dense conv."""
+    w = conv.weight
+    if density is not None and mask is not None:
+        raise TypeError("give density= or mask=, not both")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.numel() != w.numel():
+            raise ValueError(f"mask must be a tensor of shape {tuple(w.shape)}")
+        return mask.reshape(w.shape) != 0
+    if density is not None:
+        from ..layout import check_density
+        from ..init import round_half_up
+        return keep_largest(w, round_half_up(check_density(density) * w.numel()))
+    return w.detach() != 0
+
+
+class SparseConv2d(_ConvBase, SparseWeightModule):
+    r"""A drop-in for ``nn.Conv2d`` whose weight is stored in CSR form only.
+
+    Same arguments as ``nn.Conv2d`` (``padding`` an int, a pair, ``"same"`` or ``"valid"``;
+    every ``padding_mode``; channels-last inputs accepted), plus, as
+    :class:`~torch_nerva.SparseLinear`: exactly one of ``density`` / ``mask`` (the weight's
+    shape or its matrix shape) / ``nnz``, ``backend`` (``"auto"``, ``"native"`` or ``"dense"``),
+    ``generator`` and ``index_dtype``.
+
+    Trainable parameters are ``values`` ((1, nnz)) and ``bias``; the topology is the CSR of the
+    ``(out_channels, in_channels / groups * kh * kw)`` weight matrix, column
+    ``(c * kh + ky) * kw + kx`` for input channel ``c`` of the group and kernel offset
+    ``(ky, kx)``. ``dense_weight()`` gives that matrix, ``dense_weight4d()`` the
+    ``nn.Conv2d``-shaped weight (both allocate densely; differentiable). Initial values: Glorot
+    uniform scaled for the realised density with PyTorch's conv fan-in / fan-out; bias as
+    ``nn.Conv2d``'s (U(+-1/sqrt(fan_in))).
+
+    There is no ``weight`` attribute: code that writes into ``conv.weight`` (initialisers,
+    conv-BN fusion) would otherwise silently write into a temporary; it gets an
+    AttributeError instead.
+    """
+
+    def _prefer_dense_for(self, nnz: int) -> bool:
+        rows, cols = self.matrix_shape
+        return self.backend == "auto" and rows * cols > 0 and nnz >= DENSE_DENSITY * rows * cols
+
+    def dense_weight4d(self) -> Tensor:
+        """The ``nn.Conv2d``-shaped dense weight (differentiable w.r.t. ``values``)."""
+        return self.dense_weight().view(self.weight_shape)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects a 4-D (N, C, H, W) input, got "
+                             f"shape {tuple(input.shape)}")
+        if input.shape[1] != self.in_channels:
+            raise ValueError(f"input has {input.shape[1]} channels, the layer expects "
+                             f"{self.in_channels}")
+        x, pads = self._padded(input)
+        bias = self.bias
+        if self.backend == "dense" or (self.backend == "auto" and self._prefer_dense):
+            return F.conv2d(x, self.dense_weight4d(), bias, self.stride, pads, self.dilation,
+                            self.groups)
+        from .. import ops
+        d = self.__dict__
+        return ops.sparse_conv2d(x, self.values.view(-1), bias, d["crow_indices"],
+                                 d["col_indices"], d["crow_indices_t"], d["col_indices_t"],
+                                 d["perm_t"], self.kernel_size, self.stride, pads,
+                                 self.dilation, self.groups)
+
+    @property
+    def resolved_backend(self) -> str:
+        return "dense" if (self.backend == "dense" or
+                           (self.backend == "auto" and self._prefer_dense)) else "native"
+
+    def _update_positions(self) -> None:  # the dense path scatters through layout.positions()
+        self.dense_positions = torch.empty(0, dtype=torch.long, device=self.crow_indices.device)
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Re-draw the kept values and the bias (topology unchanged)."""
+        kh, kw = self.kernel_size
+        cols = self.matrix_shape[1]
+        with torch.no_grad():
+            self.values.copy_(init_values(self.nnz, cols, self.out_channels * kh * kw,
+                                          dtype=self.values.dtype, generator=generator,
+                                          total=self.out_channels * cols
+                                          ).view(self.values.shape))
+            if self.bias is not None:
+                self.bias.copy_(init_bias(cols, self.out_channels, dtype=self.bias.dtype,
+                                          generator=generator))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend}" + (
+            f"({self.resolved_backend})" if self.backend == "auto" else "")
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, *, density: Optional[float] = None,
+                   mask: Optional[Tensor] = None, backend: str = "auto",
+                   index_dtype=None) -> "SparseConv2d":
+        """Keep the round(density x numel) largest-magnitude weights of ``conv`` (or those in
+        ``mask``, or, with neither, its nonzeros); values and bias are copied."""
+        keep = _conv_keep(conv, density, mask)
+        w = conv.weight.detach()
+        layer = cls(**cls._conv_args(conv), nnz=0, backend=backend, device=w.device,
+                    dtype=w.dtype, index_dtype=index_dtype)
+        rows, cols = layer.matrix_shape
+        layout = CSRLayout.from_mask(keep.reshape(rows, cols).cpu(), index_dtype)
+        layer._adopt(layout, w.reshape(-1)[layout.positions().to(w.device)])
+        if conv.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(conv.bias)
+        return layer
+
+
+#: ``auto`` computes a SparseConv2d densely (oneDNN) from this density on.
+DENSE_DENSITY = 0.3
+
+
+class MaskedConv2d(_ConvBase):
+    """The masked baseline: ``F.conv2d(x, weight * mask, bias, ...)`` with a dense
+    ``nn.Conv2d``-shaped weight and a fixed boolean mask buffer of the same shape. Same
+    constructor and initial weights as :class:`SparseConv2d` (equally seeded generators)."""
+
+    def _init_weight(self, layout: CSRLayout, values: Tensor, device) -> None:
+        rows, cols = self.matrix_shape
+        weight = values.new_zeros(rows * cols)
+        weight[layout.positions()] = values
+        self.weight = nn.Parameter(weight.view(self.weight_shape).to(device))
+        self.register_buffer("mask", layout.to_mask().view(self.weight_shape).to(device))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.mask.numel() if self.mask.numel() else 0.0
+
+    def dense_weight(self) -> Tensor:
+        """The weight matrix (out, in / groups x kh x kw), masked."""
+        return (self.weight * self.mask).reshape(self.matrix_shape)
+
+    def dense_weight4d(self) -> Tensor:
+        return self.weight * self.mask
+
+    def forward(self, input: Tensor) -> Tensor:
+        x, pads = self._padded(input)
+        return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, pads,
+                        self.dilation, self.groups)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, *, density: Optional[float] = None,
+                   mask: Optional[Tensor] = None, backend: str = "auto") -> "MaskedConv2d":
+        """As :meth:`SparseConv2d.from_dense`, keeping a dense weight and a mask."""
+        keep = _conv_keep(conv, density, mask)
+        w = conv.weight
+        layer = cls(**cls._conv_args(conv), nnz=0, backend=backend, device=w.device,
+                    dtype=w.dtype)
+        keep = keep.to(w.device)
+        with torch.no_grad():
+            layer.weight.copy_(w * keep)
+            layer.mask.copy_(keep)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
