@@ -163,3 +163,71 @@ def test_compiles_fullgraph():
     torch.testing.assert_close(compiled(x), model(x))
     compiled(x).sum().backward()
     assert model[0].values.grad is not None and x.grad is not None
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=2), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def test_sparsify_converts_convolutions_when_asked_with_erk_counting_kernels():
+    import warnings
+    model = _cnn()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        default = tn.sparsify(model, 0.2, generator=torch.Generator().manual_seed(0))
+    assert isinstance(default[0], nn.Conv2d) and isinstance(default[6], tn.SparseLinear)
+    assert any(issubclass(w.category, tn.DenseWeightsWarning) and "0.weight" in str(w.message)
+               for w in caught)  # the convolutions that stay dense are named
+    keep_first = lambda name, m: not (isinstance(m, nn.Conv2d) and m.in_channels == 3)  # noqa
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparse = tn.sparsify(model, 0.2, distribution="erk", conv=True, filter_fn=keep_first,
+                             generator=torch.Generator().manual_seed(0))
+    assert type(sparse[0]) is nn.Conv2d and isinstance(sparse[2], tn.SparseConv2d)
+    assert any("0.weight" in str(w.message) for w in caught)
+    shapes = [(32, 8, 3, 3), (10, 32)]
+    expected = tn.init.layer_nnz(shapes, 0.2, "erk")
+    assert [sparse[2].nnz, sparse[6].nnz] == expected
+    assert expected[0] / (32 * 8 * 9) != tn.init.layer_nnz([(32, 72), (10, 32)], 0.2, "er")[0] / (
+        32 * 72)  # kernel dimensions counted
+    pruned = tn.sparsify(model, 0.2, conv=True, init="magnitude")
+    w = model[2].weight
+    kept = pruned[2].dense_weight4d().detach() != 0
+    assert kept.sum() == pruned[2].nnz
+    assert w.abs()[kept].min() >= w.abs()[~kept].max()  # the largest magnitudes
+
+
+def test_twin_conversions_round_trip_bit_identically():
+    sparse = tn.sparsify(_cnn(), 0.3, conv=True, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 12, 12)
+    masked = tn.to_masked(sparse)
+    assert isinstance(masked[0], tn.MaskedConv2d) and isinstance(masked[6], tn.MaskedLinear)
+    back = tn.to_sparse(masked)
+    dense = tn.densify(sparse)
+    assert type(dense[0]) is nn.Conv2d and type(dense[6]) is nn.Linear
+    for other in (masked, back, dense):
+        torch.testing.assert_close(other(x), sparse(x), rtol=1e-5, atol=1e-6)
+    for a, b in zip(sparse.modules(), back.modules()):
+        if isinstance(a, tn.SparseConv2d):
+            assert torch.equal(a.values, b.values) and torch.equal(a.col_indices, b.col_indices)
+
+
+def test_set_updates_conv_twins_alike_and_rigl_refuses_convolutions():
+    from torch_nerva import dst
+    sparse = tn.sparsify(_cnn(), 0.3, conv=True, generator=torch.Generator().manual_seed(0))
+    masked = tn.to_masked(sparse)
+    for m in (sparse, masked):
+        counts = dst.prune_and_regrow(m, drop_fraction=0.3,
+                                      generator=torch.Generator().manual_seed(5))
+        assert counts["2"]["dropped"] == counts["2"]["grown"] > 0
+    assert torch.equal(sparse[2].mask().view(masked[2].mask.shape), masked[2].mask)
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(sparse(x), masked(x), rtol=1e-5, atol=1e-6)
+    before = [p.clone() for p in sparse.parameters()]
+    with pytest.raises(NotImplementedError, match="grow='random'"):
+        dst.prune_and_regrow(sparse, drop_fraction=0.3, grow="gradient",
+                             batch=(x, torch.randint(10, (2,))),
+                             loss_fn=torch.nn.functional.cross_entropy)
+    assert all(torch.equal(a, b) for a, b in zip(before, sparse.parameters()))  # untouched

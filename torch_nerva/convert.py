@@ -15,7 +15,10 @@ from torch import nn
 from .init import layer_nnz
 from .layout import CSRLayout, check_density
 from .nn.attention import SparseMultiheadAttention
+from .nn.conv import MaskedConv2d, SparseConv2d
 from .nn.linear import MaskedLinear, SparseLinear, keep_largest
+
+_SPARSE_LAYERS = (SparseLinear, MaskedLinear, SparseConv2d, MaskedConv2d)
 
 
 class DenseWeightsWarning(UserWarning):
@@ -66,6 +69,10 @@ def _is_attention(name, module) -> bool:
     return isinstance(module, nn.MultiheadAttention)
 
 
+def _is_conv(name, module) -> bool:
+    return type(module) is nn.Conv2d  # subclasses (quantized, weight-standardised) may differ
+
+
 def _shared_parameters(model: nn.Module) -> Dict[int, List[str]]:
     """Every parameter held by more than one module (tied weights): id -> names."""
     names: Dict[int, List[str]] = {}
@@ -79,9 +86,11 @@ def _shared_parameters(model: nn.Module) -> Dict[int, List[str]]:
     return {k: v for k, v in names.items() if len(owners[k]) > 1}
 
 
-def _dense_shapes(module) -> List[Tuple[int, int]]:
+def _dense_shapes(module) -> List[Tuple[int, ...]]:
     if _is_attention("", module):
         return SparseMultiheadAttention.dense_shapes(module)
+    if _is_conv("", module):
+        return [tuple(module.weight.shape)]  # (out, in / groups, kh, kw): ERK counts kh, kw
     return [(module.out_features, module.in_features)]
 
 
@@ -89,7 +98,7 @@ def _weight_matrices(model: nn.Module):
     """(name, module type, parameter) of the weight matrices torch_nerva did not convert:
     parameters of two or more dimensions named ``weight`` or ``*_weight``."""
     for mname, m in model.named_modules():
-        if isinstance(m, (SparseLinear, MaskedLinear)):
+        if isinstance(m, _SPARSE_LAYERS):
             continue
         for pname, p in m.named_parameters(recurse=False):
             if p.dim() >= 2 and (pname == "weight" or pname.endswith("_weight")):
@@ -109,10 +118,10 @@ def _report_dense(model: nn.Module, requested: float) -> None:
     sparse_nnz = sparse_size = 0
     seen_layers = set()
     for m in model.modules():
-        if isinstance(m, (SparseLinear, MaskedLinear)) and id(m) not in seen_layers:
+        if isinstance(m, _SPARSE_LAYERS) and id(m) not in seen_layers:
             seen_layers.add(id(m))
             sparse_nnz += m.nnz
-            sparse_size += m.in_features * m.out_features
+            sparse_size += m.matrix_shape[0] * m.matrix_shape[1]
     n_dense = sum(p.numel() for _, _, p in dense)
     total = sparse_size + n_dense
     listed = ", ".join(f"{n} ({k} {'x'.join(map(str, p.shape))})" for n, k, p in dense[:12])
@@ -129,8 +138,9 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
              filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, inplace: bool = False,
              backend: str = "auto", generator: Optional[torch.Generator] = None,
              init: str = "xavier", index_dtype=None,
-             device: Optional[torch.device] = None) -> nn.Module:
-    """Replace the ``nn.Linear`` layers of ``model`` by :class:`SparseLinear`.
+             device: Optional[torch.device] = None, conv: bool = False) -> nn.Module:
+    """Replace the ``nn.Linear`` layers of ``model`` by :class:`SparseLinear` (and, with
+    ``conv=True``, its ``nn.Conv2d`` layers by :class:`SparseConv2d`).
 
     Per-layer densities follow ``distribution`` ("uniform", "er" or "erk"; see
     :mod:`torch_nerva.init`) so that the converted layers hold exactly
@@ -151,6 +161,13 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
     from scratch). ``init="magnitude"`` keeps each layer's largest-magnitude existing weights
     and its bias instead (pruning a trained model).
 
+    ``conv=True`` also converts every ``nn.Conv2d`` (exactly that class) that ``filter_fn``
+    accepts, in the same density distribution (ERK counts its kernel dimensions). The first
+    convolution (3 input channels, a tiny share of the weights) and the classifier are commonly
+    kept dense in the literature: ``filter_fn=lambda name, m: not (isinstance(m, nn.Conv2d) and
+    m.in_channels == 3) and name != "fc"`` (torchvision ResNets). Off by default for now:
+    :mod:`torch_nerva.dst` updates convolutions with SET (``grow="random"``) only.
+
     ``device`` places the new layers (default: each replaced layer's device). With it, a model
     built on the ``meta`` device is a shape template whose dense weights are never allocated:
     ``with torch.device("meta"): template = make_model()``, then
@@ -168,7 +185,8 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
     tied: Dict[int, str] = {}
 
     def predicate(name, module):
-        if not (_is_linear(name, module) or _is_attention(name, module)):
+        if not (_is_linear(name, module) or _is_attention(name, module)
+                or (conv and _is_conv(name, module))):
             return False
         if filter_fn is not None and not filter_fn(name, module):
             return False
@@ -200,6 +218,17 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
                 index_dtype=index_dtype, device=device)
             continue
         k = ks[0]
+        if _is_conv("", m):
+            if init == "magnitude":
+                layer = SparseConv2d.from_dense(m, mask=keep_largest(m.weight, k),
+                                                backend=backend, index_dtype=index_dtype)
+            else:
+                layer = SparseConv2d(**SparseConv2d._conv_args(m), nnz=k, backend=backend,
+                                     device=m.weight.device if device is None else device,
+                                     dtype=m.weight.dtype, generator=generator,
+                                     index_dtype=index_dtype)
+            built[id(m)] = layer
+            continue
         if init == "magnitude":
             layer = SparseLinear.from_dense(m, mask=keep_largest(m.weight, k), backend=backend,
                                             index_dtype=index_dtype)
@@ -237,10 +266,21 @@ def _traverse_like(original: nn.Module, copied: nn.Module, chosen) -> List[nn.Mo
 
 
 def to_masked(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Every :class:`SparseLinear` becomes a :class:`MaskedLinear` with bit-identical weights,
-    mask and bias (the masked twin of the mask-versus-CSR comparison)."""
+    """Every :class:`SparseLinear` becomes a :class:`MaskedLinear` (every
+    :class:`SparseConv2d` a :class:`MaskedConv2d`) with bit-identical weights, mask and bias
+    (the masked twin of the mask-versus-CSR comparison)."""
 
-    def make(name, m: SparseLinear) -> MaskedLinear:
+    def make(name, m):
+        if isinstance(m, SparseConv2d):
+            out = MaskedConv2d(**_conv_args_of(m), nnz=0, backend=m.backend,
+                               device=m.values.device, dtype=m.values.dtype)
+            with torch.no_grad():
+                out.weight.copy_(m.dense_weight4d())
+                out.mask.copy_(m.mask().view(out.mask.shape))
+                if m.bias is not None:
+                    out.bias.copy_(m.bias)
+            out.train(m.training)
+            return out
         out = MaskedLinear(m.in_features, m.out_features, m.bias is not None, nnz=0,
                            backend=m.backend, device=m.values.device, dtype=m.values.dtype)
         with torch.no_grad():
@@ -251,33 +291,58 @@ def to_masked(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         out.train(m.training)
         return out
 
-    return _replace(model, lambda n, m: isinstance(m, SparseLinear), make, inplace)
+    return _replace(model, lambda n, m: isinstance(m, (SparseLinear, SparseConv2d)), make,
+                    inplace)
+
+
+def _conv_args_of(m) -> dict:
+    """nn.Conv2d's constructor arguments of a (sparse or masked) conv layer."""
+    return dict(in_channels=m.in_channels, out_channels=m.out_channels,
+                kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
+                padding_mode=m.padding_mode)
 
 
 def to_sparse(model: nn.Module, *, inplace: bool = False, backend: Optional[str] = None,
               index_dtype=None) -> nn.Module:
-    """Every :class:`MaskedLinear` becomes a :class:`SparseLinear` with the mask as topology
-    and ``weight[mask]`` as values (bit-identical); ``backend`` defaults to the layer's."""
+    """Every :class:`MaskedLinear` becomes a :class:`SparseLinear` (every :class:`MaskedConv2d`
+    a :class:`SparseConv2d`) with the mask as topology and ``weight[mask]`` as values
+    (bit-identical); ``backend`` defaults to the layer's."""
 
-    def make(name, m: MaskedLinear) -> SparseLinear:
-        layout = CSRLayout.from_mask(m.mask, index_dtype)
-        w = m._weight()
+    def make(name, m):
+        rows, cols = m.matrix_shape
+        layout = CSRLayout.from_mask(m.mask.reshape(rows, cols), index_dtype)
+        w = m._weight() if isinstance(m, MaskedLinear) else m.weight
         values = w.detach().flatten()[layout.positions().to(w.device)]
-        layer = SparseLinear.from_layout(layout, values, m.bias, backend=backend or m.backend)
+        if isinstance(m, MaskedConv2d):
+            layer = SparseConv2d(**_conv_args_of(m), nnz=0, backend=backend or m.backend,
+                                 device=w.device, dtype=w.dtype, index_dtype=index_dtype)
+            layer._adopt(layout, values)
+            if m.bias is not None:
+                with torch.no_grad():
+                    layer.bias.copy_(m.bias)
+        else:
+            layer = SparseLinear.from_layout(layout, values, m.bias,
+                                             backend=backend or m.backend)
         layer.train(m.training)
         return layer
 
-    return _replace(model, lambda n, m: isinstance(m, MaskedLinear), make, inplace)
+    return _replace(model, lambda n, m: isinstance(m, (MaskedLinear, MaskedConv2d)), make,
+                    inplace)
 
 
 def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Every :class:`SparseLinear` and :class:`MaskedLinear` becomes a plain ``nn.Linear`` with
-    the (masked) dense weight."""
+    """Every sparse or masked layer becomes the plain ``nn.Linear`` / ``nn.Conv2d`` with the
+    (masked) dense weight."""
 
-    def make(name, m) -> nn.Linear:
-        w = m.dense_weight().detach()
-        out = nn.Linear(m.in_features, m.out_features, m.bias is not None, device=w.device,
-                        dtype=w.dtype)
+    def make(name, m) -> nn.Module:
+        if isinstance(m, (SparseConv2d, MaskedConv2d)):
+            w = m.dense_weight4d().detach()
+            out = nn.Conv2d(**_conv_args_of(m), device=w.device, dtype=w.dtype)
+        else:
+            w = m.dense_weight().detach()
+            out = nn.Linear(m.in_features, m.out_features, m.bias is not None, device=w.device,
+                            dtype=w.dtype)
         with torch.no_grad():
             out.weight.copy_(w)
             if m.bias is not None:
@@ -285,5 +350,4 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         out.train(m.training)
         return out
 
-    return _replace(model, lambda n, m: isinstance(m, (SparseLinear, MaskedLinear)), make,
-                    inplace)
+    return _replace(model, lambda n, m: isinstance(m, _SPARSE_LAYERS), make, inplace)

@@ -1,4 +1,5 @@
-"""Dynamic sparse training without a dense matrix: SET and RigL on SparseLinear layers.
+"""Dynamic sparse training without a dense matrix: SET and RigL on SparseLinear layers (SET
+also on SparseConv2d; gradient growth for convolutions is not implemented yet and refused).
 
 :func:`prune_and_regrow` drops a fraction of each layer's connections and grows as many new
 ones, so every layer keeps its nnz. The CSR layout and its cached transpose are rebuilt, the
@@ -33,9 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from .layout import CSRLayout
+from .nn._sparse import SparseWeightModule
+from .nn.conv import MaskedConv2d, SparseConv2d
 from .nn.linear import MaskedLinear, SparseLinear
 
-Layer = Union[SparseLinear, MaskedLinear]
+Layer = Union[SparseLinear, MaskedLinear, SparseConv2d, MaskedConv2d]
+_CONV = (SparseConv2d, MaskedConv2d)
 DROPS = ("magnitude", "set", "threshold")
 GROWS = ("random", "gradient", "momentum")
 #: Elements of dY^T X computed at once by the gradient criterion (per block of rows).
@@ -43,12 +47,25 @@ SCORE_BLOCK = 1 << 20
 
 
 def _layers(model: nn.Module) -> List[Tuple[str, Layer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, MaskedLinear))]
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (SparseLinear, MaskedLinear, SparseConv2d, MaskedConv2d))]
+
+
+def _check_growth(layers: Sequence[Tuple[str, Layer]], grow: str) -> None:
+    """Gradient-based growth scores dY^T X for linear layers only (for now): a model with
+    convolutions is refused before anything changes."""
+    if grow != "random":
+        convs = [n for n, m in layers if isinstance(m, _CONV)]
+        if convs:
+            raise NotImplementedError(
+                f"grow={grow!r} (gradient scores) is not implemented for convolutions yet "
+                f"({', '.join(convs[:5])}{' ...' if len(convs) > 5 else ''}): use "
+                "grow='random' (SET) for models with SparseConv2d / MaskedConv2d layers")
 
 
 def _positions_values(layer: Layer) -> Tuple[Tensor, Tensor]:
     """Sorted flat positions (int64, CPU) and the values there (detached)."""
-    if isinstance(layer, SparseLinear):
+    if isinstance(layer, SparseWeightModule):
         return layer.layout.positions().cpu(), layer.values.detach().view(-1)
     flat = layer.mask.flatten().nonzero().flatten().cpu()
     w = layer._weight()
@@ -211,15 +228,15 @@ def broadcast_topology(model: nn.Module, src: int = 0) -> int:
         if torch.equal(theirs, positions):
             continue
         changed += 1
-        shape = (layer.out_features, layer.in_features)
-        if isinstance(layer, SparseLinear):
+        shape = layer.matrix_shape
+        if isinstance(layer, SparseWeightModule):
             layout = CSRLayout.from_positions(theirs, shape, layer.col_indices.dtype)
             layer._adopt(layout, values.new_zeros(theirs.numel()))
         else:
             with torch.no_grad():
                 mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
                 mask[theirs] = True
-                layer.mask.copy_(mask.view(shape))
+                layer.mask.copy_(mask.view(layer.mask.shape))
                 layer._weight().mul_(layer.mask)
     return changed
 
@@ -246,7 +263,9 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
         raise ValueError(f"grow={grow!r} needs the layer's inputs and output gradients "
                          "(prune_and_regrow captures them from batch= and loss_fn=, or takes "
                          "them from a GradientMomentum recorder)")
-    shape = (layer.out_features, layer.in_features)
+    if grow != "random" and isinstance(layer, _CONV):
+        _check_growth([(type(layer).__name__, layer)], grow)
+    shape = layer.matrix_shape
     size = shape[0] * shape[1]
     positions, values = _positions_values(layer)
     nnz = positions.numel()
@@ -292,7 +311,7 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
         new_values[fresh.to(values.device)] = grow_init(fresh.numel()).to(new_values)
     for copy in averaged:
         _carry_averaged(copy, positions, new_positions, kept_idx, new_of_kept)
-    if isinstance(layer, SparseLinear):
+    if isinstance(layer, SparseWeightModule):
         old_n = layer.values.numel()
         layout = CSRLayout.from_positions(new_positions, shape, layer.col_indices.dtype)
         # a gradient computed before the update (backward, update, then step) moves with its
@@ -322,11 +341,12 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
 
 
 def _check_averaged(copy: Layer, layer: Layer, positions: Tensor) -> None:
-    if type(copy) is not type(layer) or (copy.out_features, copy.in_features) != (
-            layer.out_features, layer.in_features):
+    if type(copy) is not type(layer) or copy.matrix_shape != layer.matrix_shape:
+        rc, cc = copy.matrix_shape
+        rl, cl = layer.matrix_shape
         raise ValueError(f"averaged copy: a {type(copy).__name__} "
-                         f"({copy.out_features}x{copy.in_features}) stands where the model has a "
-                         f"{type(layer).__name__} ({layer.out_features}x{layer.in_features}); "
+                         f"({rc}x{cc}) stands where the model has a "
+                         f"{type(layer).__name__} ({rl}x{cl}); "
                          "pass copies of this model (e.g. AveragedModel(model))")
     if copy is layer:
         raise ValueError("averaged copy: got the model's own layer, pass a separate copy")
@@ -343,12 +363,11 @@ def _carry_averaged(copy: Layer, positions: Tensor, new_positions: Tensor, kept_
     average, new ones start at 0 (what an average of the masked dense weight holds for a
     connection that was never there); the copy adopts the new topology."""
     with torch.no_grad():
-        if isinstance(copy, SparseLinear):
+        if isinstance(copy, SparseWeightModule):
             old = copy.flat_values().detach()
             new = old.new_zeros(new_positions.numel())
             new[new_of_kept.to(old.device)] = old[kept_idx.to(old.device)]
-            layout = CSRLayout.from_positions(new_positions, (copy.out_features,
-                                                              copy.in_features),
+            layout = CSRLayout.from_positions(new_positions, copy.matrix_shape,
                                               copy.col_indices.dtype)
             copy._adopt(layout, new)
         else:  # a dense average holds every position already: only the mask changes
@@ -442,7 +461,7 @@ class GradientMomentum:
         """Attach the hooks (idempotent)."""
         if not self._handles:
             self._handles = [m.register_forward_hook(self._forward)
-                             for _, m in _layers(self.model)]
+                             for _, m in _layers(self.model) if not isinstance(m, _CONV)]
         return self
 
     def stop(self) -> None:
@@ -513,7 +532,8 @@ def prune_and_regrow(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
                      allocation: str = "layer",
                      momentum: Optional[GradientMomentum] = None,
                      averaged: Sequence[nn.Module] = ()) -> Dict[str, Dict]:
-    """Update every SparseLinear (and MaskedLinear) of ``model`` in place, nnz per layer kept;
+    """Update every sparse layer of ``model`` in place (SparseLinear, MaskedLinear, and, with
+    ``grow="random"`` only, SparseConv2d / MaskedConv2d), nnz per layer kept;
     returns ``{layer name: {"nnz", "dropped", "grown"}}``.
 
     ``grow="gradient"`` (RigL) scores non-connections by |dL/dW| on ``batch = (x, y)`` with
@@ -543,6 +563,7 @@ def prune_and_regrow(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
     if allocation == "global" and drop != "magnitude":
         raise ValueError("allocation='global' ranks magnitudes across layers: use drop='magnitude'")
     layers = _layers(model)
+    _check_growth(layers, grow)
     copies = _averaged_layers(layers, averaged)
     budgets: Dict[int, int] = {}
     if allocation == "global" and layers:

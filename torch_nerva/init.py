@@ -8,8 +8,10 @@ and a global density D with target T = floor(D * sum n_i + 1/2) nonzeros in tota
   proportional to (in_i + out_i) / (in_i out_i), with eps chosen so the total is T. A layer whose
   density would exceed 1 is made fully dense and eps is solved again for the rest (repeated
   until no layer exceeds 1).
-- ``"erk"`` (Evci et al. 2020) adds the kernel dimensions to ER; a linear layer has none, so for
-  ``nn.Linear`` layers ERK equals ER.
+- ``"erk"`` (Evci et al. 2020) adds the kernel dimensions to ER: nnz_i = eps (in_i + out_i +
+  kh_i + kw_i) for a convolution of shape (out, in / groups, kh, kw), whose size n_i counts the
+  kernel positions; a linear layer has none, so for ``nn.Linear`` layers ERK equals ER. (ER on
+  a convolution: nnz_i = eps (in_i + out_i).)
 
 Fractional counts are rounded by the largest-remainder method, so the total is exactly T.
 
@@ -39,16 +41,23 @@ def round_half_up(x: float) -> int:
 
 def layer_nnz(shapes: Sequence[Tuple[int, int]], density: float,
               distribution: str = "er") -> List[int]:
-    """Nonzeros per layer for (out, in) ``shapes`` so that the total is round(density x total)."""
+    """Nonzeros per layer for ``shapes`` ((out, in) for a linear layer, (out, in / groups, kh,
+    kw) for a convolution) so that the total is round(density x total)."""
     density = check_density(density)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    sizes = [int(o) * int(i) for o, i in shapes]
+    shapes = [tuple(int(d) for d in s) for s in shapes]
+    for s in shapes:
+        if len(s) not in (2, 4):
+            raise ValueError(f"a layer shape is (out, in) or (out, in, kh, kw), got {s}")
+    sizes = [math.prod(s) for s in shapes]
     target = round_half_up(density * sum(sizes))
     if distribution == "uniform":
         raw = [density * n for n in sizes]
     else:
-        weight = [float(o + i) if n > 0 else 0.0 for (o, i), n in zip(shapes, sizes)]
+        # ER: out + in; ERK adds the kernel dimensions (Evci et al. 2020)
+        weight = [float(sum(s) if distribution == "erk" else s[0] + s[1]) if n > 0 else 0.0
+                  for s, n in zip(shapes, sizes)]
         dense: set = set()
         while True:
             free = [j for j in range(len(sizes)) if j not in dense and weight[j] > 0]
@@ -91,8 +100,8 @@ def _largest_remainder(raw: Sequence[float], caps: Sequence[int], target: int) -
 def layer_densities(shapes: Sequence[Tuple[int, int]], density: float,
                     distribution: str = "er") -> List[float]:
     """Realised density per layer of :func:`layer_nnz`."""
-    return [k / (o * i) if o * i else 0.0
-            for k, (o, i) in zip(layer_nnz(shapes, density, distribution), shapes)]
+    return [k / math.prod(s) if math.prod(s) else 0.0
+            for k, s in zip(layer_nnz(shapes, density, distribution), shapes)]
 
 
 def xavier_bound(nnz: int, in_features: int, out_features: int,

@@ -295,6 +295,10 @@ class MaskedConv2d(_ConvBase):
         self.weight = nn.Parameter(weight.view(self.weight_shape).to(device))
         self.register_buffer("mask", layout.to_mask().view(self.weight_shape).to(device))
 
+    def _weight(self) -> nn.Parameter:
+        """The weight parameter (the library's accessor, as MaskedLinear's)."""
+        return self._parameters["weight"]
+
     @property
     def nnz(self) -> int:
         return int(self.mask.sum())

@@ -98,6 +98,11 @@ class _LinearBase(nn.Module):
         raise NotImplementedError
 
     @property
+    def matrix_shape(self):
+        """(out_features, in_features): the weight matrix."""
+        return (self.out_features, self.in_features)
+
+    @property
     def nnz(self) -> int:
         raise NotImplementedError
 
