@@ -231,3 +231,20 @@ def test_set_updates_conv_twins_alike_and_rigl_refuses_convolutions():
                              batch=(x, torch.randint(10, (2,))),
                              loss_fn=torch.nn.functional.cross_entropy)
     assert all(torch.equal(a, b) for a, b in zip(before, sparse.parameters()))  # untouched
+
+
+def test_summary_counts_output_pixels_and_npz_round_trips(tmp_path):
+    model = tn.sparsify(_cnn(), 0.3, conv=True, generator=torch.Generator().manual_seed(0))
+    rows = {r["layer"]: r for r in tn.summary(model, input_size=(3, 12, 12))}
+    assert rows["0"]["shape"] == "16x27" and rows["2"]["shape"] == "32x72"
+    assert rows["0"]["pixels"] == 144 and rows["2"]["pixels"] == 36
+    assert rows["0"]["infer_flops"] == 2 * model[0].nnz * 144
+    assert rows["6"]["infer_flops"] == 2 * model[6].nnz  # linear: per example
+    per_pixel = {r["layer"]: r for r in tn.summary(model)}
+    assert per_pixel["2"]["infer_flops"] == 2 * model[2].nnz
+    path = tmp_path / "m.npz"
+    tn.interchange.save_npz(model, path)
+    other = tn.sparsify(_cnn(), 0.3, conv=True, generator=torch.Generator().manual_seed(1))
+    tn.interchange.load_npz(other, path)
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(other(x), model(x))

@@ -23,13 +23,15 @@ import io
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .layout import CSRLayout, csr_tensor
+from .nn._sparse import SparseWeightModule
+from .nn.conv import MaskedConv2d, SparseConv2d
 from .nn.linear import MaskedLinear, SparseLinear
 
 
@@ -234,15 +236,17 @@ def to_tsv(layer: SparseLinear, path: Union[str, Path], *, transpose: bool = Fal
     return len(values)
 
 
-def _sparse_layers(model: nn.Module) -> Dict[str, SparseLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+def _sparse_layers(model: nn.Module) -> Dict[str, SparseWeightModule]:
+    """Every truly sparse layer (SparseLinear, SparseConv2d, ...) by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseWeightModule)}
 
 
 def save_npz(model: nn.Module, path: Union[str, Path, io.IOBase], compressed: bool = False
              ) -> int:
-    """Every SparseLinear of ``model`` as ``<name>.values``, ``.crow``, ``.col``, ``.shape``
-    (and ``.bias``) arrays in one ``.npz`` (int32 indices when they fit); returns its size in
-    bytes."""
+    """Every sparse layer of ``model`` (SparseLinear, SparseConv2d) as ``<name>.values``,
+    ``.crow``, ``.col``, ``.shape`` (the weight matrix's: a convolution's is (out, in / groups x
+    kh x kw)) and ``.bias`` arrays in one ``.npz`` (int32 indices when they fit); returns its
+    size in bytes."""
     arrays: Dict[str, np.ndarray] = {}
     for name, layer in _sparse_layers(model).items():
         key = name or "layer"
@@ -250,11 +254,11 @@ def save_npz(model: nn.Module, path: Union[str, Path, io.IOBase], compressed: bo
         arrays[f"{key}.values"] = layer.flat_values().detach().cpu().numpy()
         arrays[f"{key}.crow"] = layer.crow_indices.cpu().numpy().astype(idx)
         arrays[f"{key}.col"] = layer.col_indices.cpu().numpy().astype(idx)
-        arrays[f"{key}.shape"] = np.array([layer.out_features, layer.in_features], np.int64)
+        arrays[f"{key}.shape"] = np.array(layer.matrix_shape, np.int64)
         if layer.bias is not None:
             arrays[f"{key}.bias"] = layer.bias.detach().cpu().numpy()
     if not arrays:
-        raise ValueError("the model has no SparseLinear layers")
+        raise ValueError("the model has no sparse layers (SparseLinear, SparseConv2d)")
     (np.savez_compressed if compressed else np.savez)(path, **arrays)
     if isinstance(path, (str, Path)):
         path = Path(path)
@@ -326,7 +330,7 @@ def load_npz(model: nn.Module, path: Union[str, Path, io.IOBase]) -> nn.Module:
         for key in keys:
             name = "" if key == "layer" and "" in layers else key
             if name not in layers:
-                raise KeyError(f"the file has layer {key!r}, the model has no SparseLinear of "
+                raise KeyError(f"the file has layer {key!r}, the model has no sparse layer of "
                                f"that name (it has {sorted(layers)})")
             layer = layers[name]
             missing = [f for f in ("values", "crow", "col", "shape") if f"{key}.{f}" not in
@@ -334,7 +338,7 @@ def load_npz(model: nn.Module, path: Union[str, Path, io.IOBase]) -> nn.Module:
             if missing:
                 raise ValueError(f"{where}: layer {key!r} lacks {missing}")
             shape = tuple(int(v) for v in members.read(f"{key}.shape", (2,), "i"))
-            out_f, in_f = layer.out_features, layer.in_features
+            out_f, in_f = layer.matrix_shape
             if shape != (out_f, in_f):
                 raise ValueError(f"layer {key!r}: the file holds shape {shape}, the model "
                                  f"{(out_f, in_f)}")
@@ -382,30 +386,58 @@ def load_state_dict(model: nn.Module, state_dict, strict: bool = True):
 
 
 def summary(model: nn.Module, requested: Optional[float] = None,
-            print_table: bool = False) -> List[Dict[str, Any]]:
-    """One row per linear layer (SparseLinear, MaskedLinear, nn.Linear) and a total row:
-    shape, nnz, density (realised; ``requested`` is echoed in the total), parameter bytes
-    (what the layer's state dict holds: values, indices, bias; or weight, mask, bias) and
-    FLOPs per example: inference 2 nnz,
-    training 6 nnz (forward, input gradient, weight gradient) for a sparse layer, the dense
-    counts for masked and dense layers (that is what they compute)."""
+            print_table: bool = False, input_size: Optional[Sequence[int]] = None
+            ) -> List[Dict[str, Any]]:
+    """One row per linear and 2-D convolution layer (SparseLinear, MaskedLinear, nn.Linear,
+    SparseConv2d, MaskedConv2d, nn.Conv2d) and a total row: weight-matrix shape (a
+    convolution's is (out, in / groups x kh x kw)), nnz, density (realised; ``requested`` is
+    echoed in the total), parameter bytes (what the layer's state dict holds: values, indices,
+    bias; or weight, mask, bias) and FLOPs per example: inference 2 nnz, training 6 nnz
+    (forward, input gradient, weight gradient) for a sparse layer, the dense counts for masked
+    and dense layers (that is what they compute). A convolution's FLOPs are multiplied by its
+    output pixels, measured by one forward of a zero input of ``input_size`` (C, H, W) (batch
+    1, no gradients); without ``input_size`` they are per output pixel (``pixels`` = 1)."""
+    convs = (SparseConv2d, MaskedConv2d, nn.Conv2d)
+    pixels: Dict[int, int] = {}
+    if input_size is not None:
+        def record(module, args, output):
+            pixels[id(module)] = int(output.shape[-1] * output.shape[-2])
+        handles = [m.register_forward_hook(record) for m in model.modules()
+                   if isinstance(m, convs)]
+        try:
+            p = next(model.parameters(), None)
+            x = torch.zeros(1, *input_size, dtype=p.dtype if p is not None else None,
+                            device=p.device if p is not None else None)
+            with torch.no_grad():
+                model(x)
+        finally:
+            for h in handles:
+                h.remove()
     rows: List[Dict[str, Any]] = []
     for name, m in model.named_modules():
-        if not isinstance(m, (SparseLinear, MaskedLinear, nn.Linear)):
+        if not isinstance(m, (SparseLinear, MaskedLinear, nn.Linear) + convs):
             continue
-        size = m.in_features * m.out_features
-        nnz = m.nnz if isinstance(m, (SparseLinear, MaskedLinear)) else size
-        computed = nnz if isinstance(m, SparseLinear) else size
+        if isinstance(m, nn.Conv2d):
+            rows_, cols = m.out_channels, m.weight[0].numel()
+        else:
+            rows_, cols = m.matrix_shape if hasattr(m, "matrix_shape") else (
+                m.out_features, m.in_features)
+        size = rows_ * cols
+        nnz = m.nnz if isinstance(m, (SparseLinear, MaskedLinear, SparseConv2d,
+                                      MaskedConv2d)) else size
+        computed = nnz if isinstance(m, SparseWeightModule) else size
+        per_example = pixels.get(id(m), 1) if isinstance(m, convs) else 1
         state = list(m.parameters(recurse=False)) + [
             b for n, b in m.named_buffers(recurse=False)
             if n not in m._non_persistent_buffers_set]
-        if isinstance(m, SparseLinear):  # the saved topology (read in place, not copied)
+        if isinstance(m, SparseWeightModule):  # the saved topology (read in place, not copied)
             state += [m.crow_indices, m.col_indices]
         rows.append({"layer": name or type(m).__name__, "type": type(m).__name__,
-                     "shape": f"{m.out_features}x{m.in_features}", "nnz": nnz,
-                     "density": nnz / size if size else 0.0,
+                     "shape": f"{rows_}x{cols}", "nnz": nnz,
+                     "density": nnz / size if size else 0.0, "pixels": per_example,
                      "param_bytes": sum(t.numel() * t.element_size() for t in state),
-                     "infer_flops": 2 * computed, "train_flops": 6 * computed})
+                     "infer_flops": 2 * computed * per_example,
+                     "train_flops": 6 * computed * per_example})
     total = {"layer": "total", "type": "", "shape": "",
              "nnz": sum(r["nnz"] for r in rows),
              "param_bytes": sum(r["param_bytes"] for r in rows),
