@@ -26,6 +26,8 @@ CONFIGS = [
     (2, 2, 20, 40, 3, (3, 3), (2, 2), (1, 1), (1, 1), 1),    # stride 2 along long rows
     (1, 2, 3, 3, 2, (1, 1), (1, 1), (2, 2), (1, 1), 1),      # output pixels reading only padding
     (2, 3, 4, 4, 3, (3, 3), (1, 1), (2, 2), (2, 2), 1),      # dilated kernel mostly in padding
+    (2, 3, 9, 8, 4, (3, 3), (2, 1), (1, 1), (1, 1), 1),      # wo == w but vertical stride 2
+    (2, 4, 5, 6, 4, (1, 3), (1, 1), (0, 2), (1, 2), 2),      # wo == w through dilation 2
 ]
 DENSITIES = [0.0, 0.1, 1.0]
 
@@ -83,6 +85,15 @@ def test_forward_and_gradients_match_dense(cfg, density, dtype, index_dtype, gen
     torch.testing.assert_close(b1.grad, b2.grad, **tol(dtype))
 
 
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[5], CONFIGS[8], CONFIGS[10]])
+@pytest.mark.parametrize("flat", ["0", "5"])
+def test_row_path_where_the_flat_path_applies(cfg, flat, dtype, gen, isa, monkeypatch):
+    # stride 1 and wo == w take the flat path by default; TORCH_NERVA_CONV_FLAT=0 forces one
+    # loop per output row (5: the input gradient only), which must agree as well.
+    monkeypatch.setenv("TORCH_NERVA_CONV_FLAT", flat)
+    test_forward_and_gradients_match_dense(cfg, 0.3, dtype, torch.int32, gen, isa)
+
+
 def test_without_bias_and_channels_last_input(gen):
     cfg = (2, 4, 9, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2)
     x, values, _, layout, params = make_case(cfg, 0.3, gen)
@@ -91,6 +102,26 @@ def test_without_bias_and_channels_last_input(gen):
     assert not xc.is_contiguous()
     torch.testing.assert_close(sparse_conv(xc, values, None, layout, params),
                                dense_conv(x, w, None, params))
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[5], CONFIGS[8], CONFIGS[10]])
+def test_nonfinite_input_reaches_only_outputs_with_a_nonzero_on_it(cfg, gen, isa):
+    # The flat path reads across row ends and masks those columns out: an Inf or NaN there must
+    # not leak into outputs that no nonzero weight connects to it. (Unlike F.conv2d with the dense
+    # weight, an absent weight never makes 0 * Inf = NaN: only stored nonzeros are multiplied.)
+    x, values, bias, layout, params = make_case(cfg, 0.5, gen, empty=False)
+    bad = torch.zeros_like(x, dtype=torch.bool)
+    bad[0, 0, 1, 0] = bad[-1, -1, -2, -1] = bad[0, -1, 2, -1] = True
+    x_bad = x.masked_fill(bad, float("inf"))
+    x_bad[-1, -1, -2, -1] = float("nan")
+    w = dense_weight(values, *layout[:2], x.shape[1], params)
+    pattern = dense_weight(torch.ones_like(values), *layout[:2], x.shape[1], params)
+    reached = dense_conv(bad.to(x.dtype), pattern, None, params) > 0
+    y = sparse_conv(x_bad, values, bias, layout, params)
+    assert reached.any()
+    assert not y.isfinite()[reached].any()
+    torch.testing.assert_close(y[~reached], dense_conv(x.masked_fill(bad, 0), w, bias,
+                                                       params)[~reached])
 
 
 def test_empty_batch(gen):
