@@ -28,6 +28,9 @@ CONFIGS = [
     (2, 3, 4, 4, 3, (3, 3), (1, 1), (2, 2), (2, 2), 1),      # dilated kernel mostly in padding
     (2, 3, 9, 8, 4, (3, 3), (2, 1), (1, 1), (1, 1), 1),      # wo == w but vertical stride 2
     (2, 4, 5, 6, 4, (1, 3), (1, 1), (0, 2), (1, 2), 2),      # wo == w through dilation 2
+    (3, 6, 6, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), 3),      # 42-pixel planes (3 vectors)
+    (2, 4, 9, 7, 4, (3, 1), (1, 1), (0, 0), (1, 1), 2),      # ho < h, wo == w: 49 of 63 pixels
+    (2, 4, 9, 9, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),      # 81 pixels: beyond 4 vectors
 ]
 DENSITIES = [0.0, 0.1, 1.0]
 
@@ -283,6 +286,15 @@ def test_malformed_layouts_raise(gen):
         (_replace(layout, 3, bad(col_t, 2, 6)), "column index out of range"),
         (_replace(layout, 2, bad(crow_t, 4, -3)), "row pointer"),
     ]
+    row = int(torch.argmax(crow_t[1:] - crow_t[:-1]))  # a W^T row with >= 2 entries
+    assert crow_t[row + 1] - crow_t[row] >= 2
+    lo = int(crow_t[row])
+    swapped = col_t.clone()
+    swapped[lo], swapped[lo + 1] = col_t[lo + 1], col_t[lo]
+    swapped_perm = perm.clone()
+    swapped_perm[lo], swapped_perm[lo + 1] = perm[lo + 1], perm[lo]
+    backward_cases.append((_replace(_replace(layout, 3, swapped), 4, swapped_perm),
+                           "not sorted"))
     for lay, message in backward_cases:
         with pytest.raises(RuntimeError, match=message):
             OPS.sparse_conv2d_backward(g, x, values, *lay, *p, True, True)

@@ -34,6 +34,8 @@ struct ConvTap {
   int64_t rows, len, y0, x0;
   int64_t flat_len;  // (rows - 1) * wo + len: the run as one flat range (flat path)
   int64_t mask0;     // kx * ho * wo + y0: where the run's column mask starts in colmask
+  uint64_t lanes;     // ho * wo <= 64: bit j set when output pixel j is reached (else 0)
+  uint64_t lanes_in;  // h * w <= 64: bit i set when input pixel i is read (else 0)
 };
 
 // Phases that take the flat path when it applies (ConvArgs::flat).
@@ -184,6 +186,19 @@ void check_csr(const char* op, const char* what, const I* crow, const I* col, in
   }
 }
 
+// Columns of each row strictly increasing (the output of csr_transpose; the input gradient reads
+// one group's stretch of a W^T row by bisection).
+template <typename I>
+void check_sorted(const char* op, const char* what, const I* crow, const I* col, int64_t n_rows) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    for (int64_t t = (int64_t)crow[r] + 1; t < (int64_t)crow[r + 1]; ++t) {
+      TORCH_CHECK(col[t - 1] < col[t], op, ": ", what, ": columns of row ", r,
+                  " are not sorted and unique: ", (int64_t)col[t - 1], " then ",
+                  (int64_t)col[t], " (use csr_transpose(crow, col, n_cols))");
+    }
+  }
+}
+
 // The transpose given with W is W's: perm in [0, nnz) and col[perm[t]] == the row of t.
 template <typename I>
 void check_transpose(const char* op, const I* crow_t, const I* perm, const I* col,
@@ -261,6 +276,15 @@ std::vector<ConvTap> conv_taps(const ConvGeometry& g) {
       t.x0 = (ry.first * g.sh + offy) * g.w + rx.first * g.sw + offx;
       t.flat_len = t.rows > 0 && t.len > 0 ? (t.rows - 1) * g.wo + t.len : 0;
       t.mask0 = kx * g.ho * g.wo + t.y0;
+      t.lanes = t.lanes_in = 0;
+      for (int64_t oy = ry.first; oy < ry.second; ++oy) {
+        for (int64_t ox = rx.first; ox < rx.second; ++ox) {
+          if (g.ho * g.wo <= 64) t.lanes |= uint64_t{1} << (oy * g.wo + ox);
+          if (g.h * g.w <= 64) {
+            t.lanes_in |= uint64_t{1} << ((oy * g.sh + offy) * g.w + ox * g.sw + offx);
+          }
+        }
+      }
     }
   }
   return taps;
@@ -408,6 +432,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(
       if (input_grad || values_grad) check_csr(op, "W", a.crow, a.col, g.c_out, nnz, g.n_cols());
       if (input_grad) {
         check_csr(op, "W^T", a.crow_t, a.col_t, g.n_cols(), nnz, g.c_out);
+        check_sorted(op, "W^T", a.crow_t, a.col_t, g.n_cols());
         check_transpose(op, a.crow_t, a.perm, a.col, g.n_cols(), nnz);
         a.dx = dx.data_ptr<scalar_t>();
         const int64_t khw = g.kh * g.kw, cin_g = g.c_in / g.groups;

@@ -146,9 +146,178 @@ inline double conv_dot_masked(const double* __restrict g, const double* __restri
 }
 #endif
 
+#ifdef TORCH_NERVA_CONV_AVX512
+// Small planes (flat path, float, ho * wo <= 16 * V, V <= 4): an output plane is V registers.
+// The forward keeps the plane in registers over all nonzeros of its row (two accumulator sets,
+// even and odd nonzeros, so consecutive FMAs do not wait on each other); each nonzero is V
+// masked loads (tap lanes: the output pixels its tap reaches) and V FMAs.
+template <int V, typename I>
+void conv_forward_small(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) {
+  const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo;
+  const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
+  for (int64_t it = i0; it < i1; ++it) {
+    const int64_t n = it / a.c_out, co = it % a.c_out, g = co / cout_g;
+    const float* xg = a.x + (n * a.c_in + g * cin_g) * plane_in;
+    __m512 acc0[V], acc1[V];
+    for (int v = 0; v < V; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
+    const int64_t k1 = a.crow[co + 1];
+    auto add = [&](int64_t k, __m512* acc) {
+      const ConvTap& tp = a.taps[a.nz_tap[k]];
+      const __m512 vv = _mm512_set1_ps(a.values[k]);
+      // x of output pixel j is xb[j] (stride 1, wo == w); only lanes of the tap are read
+      const float* xb = xg + a.nz_xoff[k] + (tp.x0 - tp.y0);
+      for (int v = 0; v < V; ++v) {
+        const __mmask16 m = static_cast<__mmask16>(tp.lanes >> (16 * v));
+        acc[v] = _mm512_mask3_fmadd_ps(vv, _mm512_maskz_loadu_ps(m, xb + 16 * v), acc[v], m);
+      }
+    };
+    int64_t k = a.crow[co];
+    for (; k + 1 < k1; k += 2) {
+      add(k, acc0);
+      add(k + 1, acc1);
+    }
+    if (k < k1) add(k, acc0);
+    const __m512 b = _mm512_set1_ps(a.bias ? a.bias[co] : 0.0f);
+    float* yp = a.y + it * plane_out;
+    for (int v = 0; v < V; ++v) {
+      _mm512_mask_storeu_ps(yp + 16 * v, conv_tail16(plane_out - 16 * v),
+                            _mm512_add_ps(b, _mm512_add_ps(acc0[v], acc1[v])));
+    }
+  }
+}
+
+// The values gradient on small planes: per nonzero, the products with every image's planes are
+// summed lane-wise over the batch (two accumulator sets, even and odd images) and reduced once.
+template <int V, typename I>
+void conv_values_grad_small(const ConvArgs<float, I>& a, int64_t r0, int64_t r1) {
+  const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo;
+  const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
+  const int64_t x_image = a.c_in * plane_in, g_image = a.c_out * plane_out;
+  for (int64_t co = r0; co < r1; ++co) {
+    const int64_t g = co / cout_g, k1 = a.crow[co + 1];
+    const float* gc = a.grad + co * plane_out;
+    for (int64_t k = a.crow[co]; k < k1; ++k) {
+      const ConvTap& tp = a.taps[a.nz_tap[k]];
+      const float* xk = a.x + g * cin_g * plane_in + a.nz_xoff[k] + (tp.x0 - tp.y0);
+      __m512 acc0[V], acc1[V];
+      for (int v = 0; v < V; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
+      auto add = [&](int64_t n, __m512* acc) {
+        const float* gp = gc + n * g_image;
+        const float* xb = xk + n * x_image;
+        for (int v = 0; v < V; ++v) {
+          const __mmask16 m = static_cast<__mmask16>(tp.lanes >> (16 * v));
+          acc[v] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, gp + 16 * v),
+                                   _mm512_maskz_loadu_ps(m, xb + 16 * v), acc[v]);
+        }
+      };
+      int64_t n = 0;
+      for (; n + 1 < a.n; n += 2) {
+        add(n, acc0);
+        add(n + 1, acc1);
+      }
+      if (n < a.n) add(n, acc0);
+      __m512 sum = _mm512_add_ps(acc0[0], acc1[0]);
+      for (int v = 1; v < V; ++v) sum = _mm512_add_ps(sum, _mm512_add_ps(acc0[v], acc1[v]));
+      a.dvalues[k] = _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
+// The input gradient on small planes (h * w <= 16 * V): the plane dx (n, ci) in registers over
+// all nonzeros of its W^T rows in ci's group (a contiguous stretch of each row: col_t is sorted,
+// checked by the driver), even and odd ones into separate accumulators.
+template <int V, typename I>
+void conv_input_grad_small(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) {
+  const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo;
+  const int64_t khw = a.kh * a.kw;
+  const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
+  for (int64_t it = i0; it < i1; ++it) {
+    const int64_t n = it / a.c_in, ci = it % a.c_in, g = ci / cin_g, cl = ci % cin_g;
+    const int64_t co_lo = g * cout_g, co_hi = co_lo + cout_g;
+    const float* gn = a.grad + n * a.c_out * plane_out;
+    __m512 acc0[V], acc1[V];
+    for (int v = 0; v < V; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < khw; ++q) {
+      const ConvTap& tp = a.taps[q];
+      if (tp.lanes_in == 0) continue;
+      const int64_t c = cl * khw + q;
+      int64_t t0 = a.crow_t[c], t1 = a.crow_t[c + 1];
+      if (a.groups > 1) {  // the stretch of co in [co_lo, co_hi)
+        int64_t lo = t0, hi = t1;
+        while (lo < hi) {
+          const int64_t mid = lo + (hi - lo) / 2;
+          if (a.col_t[mid] < co_lo) lo = mid + 1; else hi = mid;
+        }
+        t0 = lo, hi = t1;
+        while (lo < hi) {
+          const int64_t mid = lo + (hi - lo) / 2;
+          if (a.col_t[mid] < co_hi) lo = mid + 1; else hi = mid;
+        }
+        t1 = lo;
+      }
+      // dx pixel i takes grad pixel i - (x0 - y0); only the tap's lanes are read
+      const float* gb = gn - (tp.x0 - tp.y0);
+      auto add = [&](int64_t t, __m512* acc) {
+        const __m512 vv = _mm512_set1_ps(a.values[a.perm[t]]);
+        const float* gp = gb + a.col_t[t] * plane_out;
+        for (int v = 0; v < V; ++v) {
+          const __mmask16 m = static_cast<__mmask16>(tp.lanes_in >> (16 * v));
+          acc[v] = _mm512_mask3_fmadd_ps(vv, _mm512_maskz_loadu_ps(m, gp + 16 * v), acc[v], m);
+        }
+      };
+      int64_t t = t0;
+      for (; t + 1 < t1; t += 2) {
+        add(t, acc0);
+        add(t + 1, acc1);
+      }
+      if (t < t1) add(t, acc0);
+    }
+    float* dp = a.dx + it * plane_in;
+    for (int v = 0; v < V; ++v) {
+      _mm512_mask_storeu_ps(dp + 16 * v, conv_tail16(plane_in - 16 * v),
+                            _mm512_add_ps(acc0[v], acc1[v]));
+    }
+  }
+}
+
+template <typename I>
+void (*conv_input_grad_small_for(const ConvArgs<float, I>& a))(const ConvArgs<float, I>&,
+                                                               int64_t, int64_t) {
+  if (!a.colmask || !(a.flat & kConvFlatInput)) return nullptr;
+  const int64_t p = a.h * a.w;
+  return p <= 16 ? &conv_input_grad_small<1, I> : p <= 32 ? &conv_input_grad_small<2, I>
+       : p <= 48 ? &conv_input_grad_small<3, I> : p <= 64 ? &conv_input_grad_small<4, I>
+       : nullptr;
+}
+
+// The small-plane kernel for this geometry, or null (the general kernels then run).
+template <typename I>
+void (*conv_forward_small_for(const ConvArgs<float, I>& a))(const ConvArgs<float, I>&, int64_t,
+                                                            int64_t) {
+  if (!a.colmask || !(a.flat & kConvFlatForward)) return nullptr;
+  const int64_t p = a.ho * a.wo;
+  return p <= 16 ? &conv_forward_small<1, I> : p <= 32 ? &conv_forward_small<2, I>
+       : p <= 48 ? &conv_forward_small<3, I> : p <= 64 ? &conv_forward_small<4, I> : nullptr;
+}
+template <typename I>
+void (*conv_values_grad_small_for(const ConvArgs<float, I>& a))(const ConvArgs<float, I>&,
+                                                                int64_t, int64_t) {
+  if (!a.colmask || !(a.flat & kConvFlatValues)) return nullptr;
+  const int64_t p = a.ho * a.wo;
+  return p <= 16 ? &conv_values_grad_small<1, I> : p <= 32 ? &conv_values_grad_small<2, I>
+       : p <= 48 ? &conv_values_grad_small<3, I> : p <= 64 ? &conv_values_grad_small<4, I>
+       : nullptr;
+}
+#endif
+
 // Forward: items it = n * c_out + co in [i0, i1), each the whole output plane (n, co).
 template <typename S, typename I>
 void conv_forward(const ConvArgs<S, I>& a, int64_t i0, int64_t i1) {
+#ifdef TORCH_NERVA_CONV_AVX512
+  if constexpr (sizeof(S) == 4) {
+    if (const auto small = conv_forward_small_for(a)) return small(a, i0, i1);
+  }
+#endif
   const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo, row_x = a.sh * a.w;
   const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
   const bool flat = a.colmask && (a.flat & kConvFlatForward);
@@ -181,6 +350,11 @@ void conv_forward(const ConvArgs<S, I>& a, int64_t i0, int64_t i1) {
 // group.
 template <typename S, typename I>
 void conv_input_grad(const ConvArgs<S, I>& a, int64_t i0, int64_t i1) {
+#ifdef TORCH_NERVA_CONV_AVX512
+  if constexpr (sizeof(S) == 4) {
+    if (const auto small = conv_input_grad_small_for(a)) return small(a, i0, i1);
+  }
+#endif
   const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo, row_x = a.sh * a.w;
   const int64_t khw = a.kh * a.kw;
   const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
@@ -217,6 +391,11 @@ void conv_input_grad(const ConvArgs<S, I>& a, int64_t i0, int64_t i1) {
 // product of the output-gradient plane (n, co) with the shifted input plane of nonzero k.
 template <typename S, typename I>
 void conv_values_grad(const ConvArgs<S, I>& a, int64_t r0, int64_t r1) {
+#ifdef TORCH_NERVA_CONV_AVX512
+  if constexpr (sizeof(S) == 4) {
+    if (const auto small = conv_values_grad_small_for(a)) return small(a, r0, r1);
+  }
+#endif
   const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo, row_x = a.sh * a.w;
   const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
   const bool flat = a.colmask && (a.flat & kConvFlatValues);
