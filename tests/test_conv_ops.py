@@ -192,7 +192,8 @@ def test_opcheck_both_ops(gen):
 
 
 @pytest.mark.parametrize("cfg", [(4, 16, 16, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1),
-                                 (3, 8, 15, 17, 12, (3, 3), (2, 2), (1, 1), (1, 1), 4)])
+                                 (3, 8, 15, 17, 12, (3, 3), (2, 2), (1, 1), (1, 1), 4),
+                                 (8, 32, 4, 4, 32, (3, 3), (1, 1), (1, 1), (1, 1), 2)])
 def test_bit_identical_across_thread_counts(cfg, gen):
     x, values, bias, layout, params = make_case(cfg, 0.3, gen, dtype=torch.float32)
     g = None

@@ -4,6 +4,13 @@
 // nonzero adds v times a shifted input plane to an output plane, over the pixel range its
 // padding leaves (conv_impl.h). No dense weight, no im2col buffer: work ~ nnz x n x ho x wo.
 //
+// Three code paths in conv_impl.h, all over the same clipped pixel ranges (ConvTap):
+// - rows: one contiguous loop per output row of a nonzero's range (any stride);
+// - flat (stride 1 and wo == w, the "same" convolutions): one loop per nonzero over its whole
+//   range as a flat run, the columns that wrap to the next row masked out by a select;
+// - small (flat, float32, AVX-512, planes of <= 64 pixels): the plane lives in <= 4 registers
+//   across a row's nonzeros, loads masked by the tap's pixel bits.
+//
 // Parallel phases (schedule.h, pool.h): the forward's chunks own output planes (n, co), the
 // input gradient's own input planes (n, ci), the values gradient's own rows of W (all their
 // nonzeros, summed over the batch in order); no atomics, results independent of the thread
@@ -303,8 +310,8 @@ void nonzero_taps(const ConvGeometry& g, const I* col, int64_t nnz, std::vector<
   }
 }
 
-// Which phases take the flat path where it applies: all (measured faster than one loop per
-// output row on every ResNet-18 CIFAR layer: docs in benchmarks/conv.py); TORCH_NERVA_CONV_FLAT
+// Which phases take the flat path where it applies: all (measured 1.5x to 10x faster than one
+// loop per output row on the ResNet-18 CIFAR layers of benchmarks/conv.py); TORCH_NERVA_CONV_FLAT
 // (bits: 1 forward, 2 input gradient, 4 values gradient; 0 = none) overrides it, for tests and
 // measurements of the row path on the same shapes.
 int conv_flat_phases() {

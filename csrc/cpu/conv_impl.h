@@ -186,10 +186,56 @@ void conv_forward_small(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) {
   }
 }
 
-// The values gradient on small planes: per nonzero, the products with every image's planes are
-// summed lane-wise over the batch (two accumulator sets, even and odd images) and reduced once.
+// The values gradient on small planes: a row's nonzeros in blocks of kBlock, each with V vector
+// accumulators (on the stack) summed lane-wise over the images in order, reduced once at the
+// end. Per image, the output-gradient plane (n, co) is loaded once into registers and the
+// image's input planes are read in place (no stride across images in the inner loop).
+constexpr int64_t kBlock = 128;
+
 template <int V, typename I>
 void conv_values_grad_small(const ConvArgs<float, I>& a, int64_t r0, int64_t r1) {
+  const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo;
+  const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
+  const int64_t x_image = a.c_in * plane_in, g_image = a.c_out * plane_out;
+  __m512 acc[kBlock][V];
+  for (int64_t co = r0; co < r1; ++co) {
+    const int64_t g = co / cout_g, k_end = a.crow[co + 1];
+    const float* gc = a.grad + co * plane_out;
+    const float* xc = a.x + g * cin_g * plane_in;
+    for (int64_t kb = a.crow[co]; kb < k_end; kb += kBlock) {
+      const int64_t nb = k_end - kb < kBlock ? k_end - kb : kBlock;
+      for (int64_t i = 0; i < nb; ++i) {
+        for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
+      }
+      for (int64_t n = 0; n < a.n; ++n) {
+        __m512 gv[V];
+        for (int v = 0; v < V; ++v) {
+          gv[v] = _mm512_maskz_loadu_ps(conv_tail16(plane_out - 16 * v), gc + n * g_image + 16 * v);
+        }
+        const float* xn = xc + n * x_image;
+        for (int64_t i = 0; i < nb; ++i) {
+          const ConvTap& tp = a.taps[a.nz_tap[kb + i]];
+          const float* xb = xn + a.nz_xoff[kb + i] + (tp.x0 - tp.y0);
+          for (int v = 0; v < V; ++v) {
+            const __mmask16 m = static_cast<__mmask16>(tp.lanes >> (16 * v));
+            acc[i][v] = _mm512_mask3_fmadd_ps(gv[v], _mm512_maskz_loadu_ps(m, xb + 16 * v),
+                                              acc[i][v], m);
+          }
+        }
+      }
+      for (int64_t i = 0; i < nb; ++i) {
+        __m512 sum = acc[i][0];
+        for (int v = 1; v < V; ++v) sum = _mm512_add_ps(sum, acc[i][v]);
+        a.dvalues[kb + i] = _mm512_reduce_add_ps(sum);
+      }
+    }
+  }
+}
+
+// The values gradient on small planes, per nonzero: the products with every image's planes are
+// summed lane-wise over the batch (two accumulator sets, even and odd images) and reduced once.
+template <int V, typename I>
+void conv_values_grad_small_batch(const ConvArgs<float, I>& a, int64_t r0, int64_t r1) {
   const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo;
   const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
   const int64_t x_image = a.c_in * plane_in, g_image = a.c_out * plane_out;
@@ -304,9 +350,13 @@ void (*conv_values_grad_small_for(const ConvArgs<float, I>& a))(const ConvArgs<f
                                                                 int64_t, int64_t) {
   if (!a.colmask || !(a.flat & kConvFlatValues)) return nullptr;
   const int64_t p = a.ho * a.wo;
-  return p <= 16 ? &conv_values_grad_small<1, I> : p <= 32 ? &conv_values_grad_small<2, I>
-       : p <= 48 ? &conv_values_grad_small<3, I> : p <= 64 ? &conv_values_grad_small<4, I>
-       : nullptr;
+  // blocked for one-vector planes, per nonzero otherwise: measured (batch 64, 2 threads) 18 vs
+  // 34 ms on 512 channels at 4x4, 7.2 vs 5.5 ms on 256 channels at 8x8 (density 0.05)
+  return p <= 16   ? &conv_values_grad_small<1, I>
+         : p <= 32 ? &conv_values_grad_small_batch<2, I>
+         : p <= 48 ? &conv_values_grad_small_batch<3, I>
+         : p <= 64 ? &conv_values_grad_small_batch<4, I>
+                   : nullptr;
 }
 #endif
 
