@@ -301,3 +301,18 @@ def test_malformed_layouts_raise(gen):
             OPS.sparse_conv2d_backward(g, x, values, *lay, *p, True, True)
     with pytest.raises(RuntimeError, match="grad must have the output's shape"):
         OPS.sparse_conv2d_backward(g[:, :, 1:], x, values, *layout, *p, True, True)
+
+
+def test_benchmark_script_runs(capsys):
+    # benchmarks/conv.py on one small case: it checks its two convolutions agree, then prints
+    # one table row with positive times and ratios
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import conv
+    assert conv.main(["--reps", "1", "--batch", "2", "--layers", "64", "--densities", "0.1",
+                      "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "64->64" in line]
+    assert len(rows) == 1
+    numbers = [float(f) for f in rows[0].replace("|", " ").split()[2:]]
+    assert len(numbers) == 8 and all(n > 0 for n in numbers[1:])
