@@ -135,6 +135,8 @@ ConvGeometry check_conv_args(const char* op, const at::Tensor& x, const at::Tens
                   perm.scalar_type() == crow.scalar_type(),
               op, ": the layout and its transpose must share one index dtype, got crow ",
               crow.scalar_type(), ", crow_t ", crow_t.scalar_type(), ", perm ", perm.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": only float32 and float64 are supported, got ", x.scalar_type());
   check_values(op, values, x, "x");
   const int64_t nnz = col.numel();
   TORCH_CHECK(values.numel() == nnz, op, ": values has ", values.numel(),
