@@ -26,6 +26,11 @@ CONFIGS = [
     (2, 2, 20, 40, 3, (3, 3), (2, 2), (1, 1), (1, 1), 1),    # stride 2 along long rows
     (1, 2, 3, 3, 2, (1, 1), (1, 1), (2, 2), (1, 1), 1),      # output pixels reading only padding
     (2, 3, 4, 4, 3, (3, 3), (1, 1), (2, 2), (2, 2), 1),      # dilated kernel mostly in padding
+    (2, 3, 9, 8, 4, (3, 3), (2, 1), (1, 1), (1, 1), 1),      # wo == w but vertical stride 2
+    (2, 4, 5, 6, 4, (1, 3), (1, 1), (0, 2), (1, 2), 2),      # wo == w through dilation 2
+    (3, 6, 6, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), 3),      # 42-pixel planes (3 vectors)
+    (2, 4, 9, 7, 4, (3, 1), (1, 1), (0, 0), (1, 1), 2),      # ho < h, wo == w: 49 of 63 pixels
+    (2, 4, 9, 9, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),      # 81 pixels: beyond 4 vectors
 ]
 DENSITIES = [0.0, 0.1, 1.0]
 
@@ -83,6 +88,15 @@ def test_forward_and_gradients_match_dense(cfg, density, dtype, index_dtype, gen
     torch.testing.assert_close(b1.grad, b2.grad, **tol(dtype))
 
 
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[5], CONFIGS[8], CONFIGS[10]])
+@pytest.mark.parametrize("flat", ["0", "5"])
+def test_row_path_where_the_flat_path_applies(cfg, flat, dtype, gen, isa, monkeypatch):
+    # stride 1 and wo == w take the flat path by default; TORCH_NERVA_CONV_FLAT=0 forces one
+    # loop per output row (5: the input gradient only), which must agree as well.
+    monkeypatch.setenv("TORCH_NERVA_CONV_FLAT", flat)
+    test_forward_and_gradients_match_dense(cfg, 0.3, dtype, torch.int32, gen, isa)
+
+
 def test_without_bias_and_channels_last_input(gen):
     cfg = (2, 4, 9, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2)
     x, values, _, layout, params = make_case(cfg, 0.3, gen)
@@ -91,6 +105,26 @@ def test_without_bias_and_channels_last_input(gen):
     assert not xc.is_contiguous()
     torch.testing.assert_close(sparse_conv(xc, values, None, layout, params),
                                dense_conv(x, w, None, params))
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[5], CONFIGS[8], CONFIGS[10]])
+def test_nonfinite_input_reaches_only_outputs_with_a_nonzero_on_it(cfg, gen, isa):
+    # The flat path reads across row ends and masks those columns out: an Inf or NaN there must
+    # not leak into outputs that no nonzero weight connects to it. (Unlike F.conv2d with the dense
+    # weight, an absent weight never makes 0 * Inf = NaN: only stored nonzeros are multiplied.)
+    x, values, bias, layout, params = make_case(cfg, 0.5, gen, empty=False)
+    bad = torch.zeros_like(x, dtype=torch.bool)
+    bad[0, 0, 1, 0] = bad[-1, -1, -2, -1] = bad[0, -1, 2, -1] = True
+    x_bad = x.masked_fill(bad, float("inf"))
+    x_bad[-1, -1, -2, -1] = float("nan")
+    w = dense_weight(values, *layout[:2], x.shape[1], params)
+    pattern = dense_weight(torch.ones_like(values), *layout[:2], x.shape[1], params)
+    reached = dense_conv(bad.to(x.dtype), pattern, None, params) > 0
+    y = sparse_conv(x_bad, values, bias, layout, params)
+    assert reached.any()
+    assert not y.isfinite()[reached].any()
+    torch.testing.assert_close(y[~reached], dense_conv(x.masked_fill(bad, 0), w, bias,
+                                                       params)[~reached])
 
 
 def test_empty_batch(gen):
@@ -158,7 +192,8 @@ def test_opcheck_both_ops(gen):
 
 
 @pytest.mark.parametrize("cfg", [(4, 16, 16, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1),
-                                 (3, 8, 15, 17, 12, (3, 3), (2, 2), (1, 1), (1, 1), 4)])
+                                 (3, 8, 15, 17, 12, (3, 3), (2, 2), (1, 1), (1, 1), 4),
+                                 (8, 32, 4, 4, 32, (3, 3), (1, 1), (1, 1), (1, 1), 2)])
 def test_bit_identical_across_thread_counts(cfg, gen):
     x, values, bias, layout, params = make_case(cfg, 0.3, gen, dtype=torch.float32)
     g = None
@@ -252,8 +287,32 @@ def test_malformed_layouts_raise(gen):
         (_replace(layout, 3, bad(col_t, 2, 6)), "column index out of range"),
         (_replace(layout, 2, bad(crow_t, 4, -3)), "row pointer"),
     ]
+    row = int(torch.argmax(crow_t[1:] - crow_t[:-1]))  # a W^T row with >= 2 entries
+    assert crow_t[row + 1] - crow_t[row] >= 2
+    lo = int(crow_t[row])
+    swapped = col_t.clone()
+    swapped[lo], swapped[lo + 1] = col_t[lo + 1], col_t[lo]
+    swapped_perm = perm.clone()
+    swapped_perm[lo], swapped_perm[lo + 1] = perm[lo + 1], perm[lo]
+    backward_cases.append((_replace(_replace(layout, 3, swapped), 4, swapped_perm),
+                           "not sorted"))
     for lay, message in backward_cases:
         with pytest.raises(RuntimeError, match=message):
             OPS.sparse_conv2d_backward(g, x, values, *lay, *p, True, True)
     with pytest.raises(RuntimeError, match="grad must have the output's shape"):
         OPS.sparse_conv2d_backward(g[:, :, 1:], x, values, *layout, *p, True, True)
+
+
+def test_benchmark_script_runs(capsys):
+    # benchmarks/conv.py on one small case: it checks its two convolutions agree, then prints
+    # one table row with positive times and ratios
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import conv
+    assert conv.main(["--reps", "1", "--batch", "2", "--layers", "64", "--densities", "0.1",
+                      "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "64->64" in line]
+    assert len(rows) == 1
+    numbers = [float(f) for f in rows[0].replace("|", " ").split()[2:]]
+    assert len(numbers) == 8 and all(n > 0 for n in numbers[1:])

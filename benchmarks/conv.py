@@ -1,0 +1,100 @@
+"""Sparse 2-D convolution (torch_nerva.ops.sparse_conv2d) against dense F.conv2d (oneDNN).
+
+    python benchmarks/conv.py --densities 0.05 0.01 --batch 64 --reps 10 --threads 2
+
+The 3x3 (padding 1) layers of a ResNet-18 for CIFAR: 64->64 at 32x32, 128->128 at 16x16,
+256->256 at 8x8, 512->512 at 4x4. Per layer and density (random uniform pattern), the forward
+and the forward + backward (dX, dW / dvalues; no bias) of both are timed interleaved in one
+process (common.time_interleaved), medians over --reps rounds; ratio = sparse / dense time
+(< 1: sparse is faster). A measurement, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from common import quartiles, restored_threads, time_interleaved
+from torch_nerva import ops
+from torch_nerva.compare.report import cpu_model
+
+LAYERS = [(64, 32), (128, 16), (256, 8), (512, 4)]  # (channels, height = width)
+
+
+def layer_calls(channels: int, size: int, density: float, batch: int, gen: torch.Generator):
+    n_cols = channels * 9
+    mask = torch.rand(channels, n_cols, generator=gen) < density
+    w = torch.randn(channels, n_cols, generator=gen) * mask
+    crow = torch.zeros(channels + 1, dtype=torch.int32)
+    crow[1:] = mask.sum(1).cumsum(0)
+    col = mask.nonzero()[:, 1].to(torch.int32)
+    values = w[mask].clone().requires_grad_()
+    crow_t, col_t, perm = ops.csr_transpose(crow, col, n_cols)
+    weight = w.view(channels, channels, 3, 3).clone().requires_grad_()
+    x = torch.randn(batch, channels, size, size, generator=gen, requires_grad=True)
+    g = torch.randn(batch, channels, size, size, generator=gen)
+
+    def dense_fwd():
+        with torch.no_grad():
+            F.conv2d(x, weight, None, 1, 1)
+
+    def sparse_fwd():
+        with torch.no_grad():
+            ops.sparse_conv2d(x, values, None, crow, col, crow_t, col_t, perm, 3, 1, 1)
+
+    def dense_fb():
+        x.grad = weight.grad = None
+        F.conv2d(x, weight, None, 1, 1).backward(g)
+
+    def sparse_fb():
+        x.grad = values.grad = None
+        ops.sparse_conv2d(x, values, None, crow, col, crow_t, col_t, perm, 3, 1, 1).backward(g)
+
+    # the two agree (float32): a benchmark of a wrong result is no benchmark
+    y_ref = F.conv2d(x.detach(), weight.detach(), None, 1, 1)
+    with torch.no_grad():
+        y = ops.sparse_conv2d(x, values, None, crow, col, crow_t, col_t, perm, 3, 1, 1)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    return int(mask.sum()), dict(dense_fwd=dense_fwd, sparse_fwd=sparse_fwd, dense_fb=dense_fb,
+                                 sparse_fb=sparse_fb)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.01])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--layers", type=int, nargs="*", default=None,
+                   help="channel counts of the layers to run (default: all four)")
+    args = p.parse_args(argv)
+    with restored_threads(args.threads):
+        print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, "
+              f"ISA {ops.kernel_isa()}, CPU {cpu_model() or platform.processor()}, "
+              f"batch {args.batch}, reps {args.reps} (medians, ms)")
+        header = (f"{'layer':>16} {'density':>7} {'nnz':>8} | {'dense fwd':>9} {'sparse fwd':>10} "
+                  f"{'ratio':>6} | {'dense f+b':>9} {'sparse f+b':>10} {'ratio':>6}")
+        print(header)
+        gen = torch.Generator().manual_seed(0)
+        for channels, size in LAYERS:
+            if args.layers and channels not in args.layers:
+                continue
+            for density in args.densities:
+                nnz, calls = layer_calls(channels, size, density, args.batch, gen)
+                times, errors = time_interleaved(calls, args.reps)
+                med = {k: quartiles(v)[1] * 1e3 for k, v in times.items()}
+                for k, e in errors.items():
+                    print(f"# {k} failed: {e!r}")
+                name = f"{channels}->{channels} {size}x{size}"
+                print(f"{name:>16} {density:>7.3f} {nnz:>8} | {med['dense_fwd']:>9.2f} "
+                      f"{med['sparse_fwd']:>10.2f} {med['sparse_fwd'] / med['dense_fwd']:>6.2f} | "
+                      f"{med['dense_fb']:>9.2f} {med['sparse_fb']:>10.2f} "
+                      f"{med['sparse_fb'] / med['dense_fb']:>6.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
