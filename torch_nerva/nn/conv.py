@@ -210,7 +210,13 @@ class SparseConv2d(_ConvBase, SparseWeightModule):
 
     def _prefer_dense_for(self, nnz: int) -> bool:
         rows, cols = self.matrix_shape
-        return self.backend == "auto" and rows * cols > 0 and nnz >= DENSE_DENSITY * rows * cols
+        # the kernels' fast ("flat") path needs stride 1 and an output as wide as the input
+        pad_w = (0 if self.padding == "valid" else
+                 self.dilation[1] * (self.kernel_size[1] - 1) // 2 if self.padding == "same"
+                 else self.padding[1])
+        flat = self.stride == (1, 1) and 2 * pad_w == self.dilation[1] * (self.kernel_size[1] - 1)
+        threshold = DENSE_DENSITY if flat else DENSE_DENSITY_OTHER
+        return self.backend == "auto" and rows * cols > 0 and nnz >= threshold * rows * cols
 
     def dense_weight4d(self) -> Tensor:
         """The ``nn.Conv2d``-shaped dense weight (differentiable w.r.t. ``values``)."""
@@ -279,8 +285,14 @@ class SparseConv2d(_ConvBase, SparseWeightModule):
         return layer
 
 
-#: ``auto`` computes a SparseConv2d densely (oneDNN) from this density on.
-DENSE_DENSITY = 0.3
+#: ``auto`` computes a SparseConv2d densely (oneDNN) from this density on: the measured
+#: sparse/dense crossover of forward + backward for the 3x3 ResNet-18 CIFAR layers at batch 64
+#: (2 threads, AVX-512) was at densities 0.063-0.08 (ratio 0.37-0.57 at 0.05, 1.0-1.55 at 0.08).
+DENSE_DENSITY = 0.06
+#: ... and from this density on for the other shapes (stride 2, or an output narrower than the
+#: input), which take the kernels' slower row path: measured crossover 0.01-0.02 for the 3x3
+#: stride-2 ResNet-18 layers (64->128 at 32x32, 128->256 at 16x16, 256->512 at 8x8).
+DENSE_DENSITY_OTHER = 0.01
 
 
 class MaskedConv2d(_ConvBase):
