@@ -139,3 +139,15 @@ def test_graphchallenge_benchmark_reads_the_official_format(tmp_path):
     config.write_text(f'neurons = 1024\nlayers = 6\ninputs = 200\nreps = 1\n'
                       f'weights_dir = "{weights}"\nout = "{tmp_path / "out"}"\n')
     assert graphchallenge.main(["--config", str(config)]) == 0
+
+
+def test_resnet_step_tiny(capsys):
+    pytest.importorskip("torchvision")
+    import resnet_step
+    assert resnet_step.main(["--densities", "0.05", "--batch", "2", "--reps", "1",
+                             "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    line = [l for l in out.splitlines() if l.strip().startswith("0.05")]
+    assert line and "errors" not in line[0]
+    dense, masked, csr = (float(v) for v in line[0].split()[2:5])
+    assert dense > 0 and masked > 0 and csr > 0
