@@ -248,3 +248,18 @@ def test_summary_counts_output_pixels_and_npz_round_trips(tmp_path):
     tn.interchange.load_npz(other, path)
     x = torch.randn(2, 3, 12, 12)
     torch.testing.assert_close(other(x), model(x))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("case", CASES[:4], ids=[str(c) for c in CASES[:4]])
+def test_non_finite_inputs_follow_dense_math(bad, case):
+    conv = _dense_conv(case, True, seed=3)
+    sparse = tn.SparseConv2d.from_dense(conv, backend="native")
+    x = torch.randn(2, 8, 11, 9, dtype=F64)
+    x[0, 2, 4, 5] = bad
+    x[1, 0, 0, 0] = bad  # input channel 0 has no weights at all
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), conv(x), equal_nan=True)
+    big = torch.full((1, 8, 6, 6), 1e308, dtype=F64)  # the sum overflows: nothing changes
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(big), conv(big), equal_nan=True)

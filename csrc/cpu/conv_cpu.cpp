@@ -25,6 +25,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <utility>
 #include <cstdint>
@@ -387,6 +389,25 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& values_in
           [&](int64_t i0, int64_t i1) { fn(a, i0, i1); });
     });
   });
+  // Dense math's NaN/Inf semantics (as csrc/nonfinite.h for the linear ops): an absent weight
+  // is a zero times the input, and 0 x Inf or 0 x NaN is NaN, so y is NaN wherever the
+  // receptive field holds a non-finite input at a tap with no stored weight, i.e. where the
+  // count of non-finite inputs over all taps (a dense all-ones convolution of the indicator)
+  // exceeds the count over the stored taps. One reduction detects it (an overflowing sum only
+  // costs the check below); the rest runs only for non-finite inputs.
+  if (y.numel() > 0 && !std::isfinite(x.sum().item<double>())) {
+    const at::ScalarType count_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::Tensor indicator = at::isfinite(x).logical_not_().to(count_type);
+    if (indicator.any().item<bool>()) {
+      const at::Tensor total = at::conv2d(
+          indicator, at::ones({g.c_out, g.c_in / g.groups, g.kh, g.kw}, indicator.options()),
+          {}, stride, padding, dilation, groups);
+      const at::Tensor connected = sparse_conv2d_cpu(
+          indicator, at::ones({col.numel()}, indicator.options()), c10::nullopt, crow_in, col_in,
+          crow_t, col_t, perm, kernel, stride, padding, dilation, groups);
+      y.masked_fill_(connected.lt(total), std::numeric_limits<double>::quiet_NaN());
+    }
+  }
   return y;
 }
 
