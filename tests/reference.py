@@ -2,8 +2,22 @@
 import gc
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_nerva import CSRLayout
+
+
+class OpLog(TorchDispatchMode):
+    """Records every op that runs inside it: (name, args, output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((str(func), args, out))
+        return out
 
 
 def random_layout(n_rows, n_cols, density, gen, index_dtype=torch.int64, empty_rows=0,

@@ -3,12 +3,11 @@ CSR: forward, gradients, gradcheck, opcheck, malformed inputs, thread-count inde
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_nerva import ops
 
 from conftest import tol
-from reference import random_layout
+from reference import OpLog, random_layout
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta"),
               pytest.mark.filterwarnings("ignore:Sparse invariant checks")]
@@ -147,24 +146,13 @@ def test_gradcheck(cfg, with_bias, index_dtype, gen):
         lambda x, v, b: sparse_conv(x, v, b, layout, params), inputs)
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.calls.append((str(func), args, out))
-        return out
-
-
 @pytest.mark.parametrize("x_grad,v_grad", [(False, True), (True, False), (True, True)])
 def test_backward_computes_only_requested_gradients(x_grad, v_grad, gen):
     x, values, bias, layout, params = make_case(CONFIGS[3], 0.3, gen)
     x.requires_grad_(x_grad)
     values.requires_grad_(v_grad)
     y = sparse_conv(x, values, bias, layout, params)
-    with _OpLog() as log:
+    with OpLog() as log:
         y.sum().backward()
     (call,) = [c for c in log.calls if "sparse_conv2d_backward" in c[0]]
     _, args, (grad_x, grad_values) = call

@@ -1,12 +1,11 @@
 """Every op against a dense PyTorch reference; gradcheck; opcheck; malformed layouts."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_nerva import CSRLayout, ops
 
 from conftest import tol
-from reference import dense, random_layout
+from reference import OpLog, dense, random_layout
 
 SHAPES = [(1, 1), (5, 3), (17, 33), (64, 9), (3, 0), (0, 4)]
 DENSITIES = [0.0, 0.1, 0.5, 1.0]
@@ -111,24 +110,13 @@ def test_sparse_linear_gradients_match_dense(dtype, index_dtype, gen, isa):
     torch.testing.assert_close(b.grad, b2.grad, **tol(dtype))
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.calls.append((str(func), args, out))
-        return out
-
-
 @pytest.mark.parametrize("x_grad,v_grad", [(False, True), (True, False), (True, True)])
 def test_backward_computes_only_requested_gradients(x_grad, v_grad, gen):
     x, values, b, crow, col, crow_t, col_t, perm = _linear_inputs(20, 30, 5, 0.3, gen, torch.int32)
     x.requires_grad_(x_grad)
     values.requires_grad_(v_grad)
     y = ops.sparse_linear(x, values, b, crow, col, crow_t, col_t, perm)
-    with _OpLog() as log:
+    with OpLog() as log:
         y.sum().backward()
     (call,) = [c for c in log.calls if "sparse_linear_backward" in c[0]]
     _, args, (grad_x, grad_values) = call
