@@ -263,3 +263,48 @@ def test_non_finite_inputs_follow_dense_math(bad, case):
     big = torch.full((1, 8, 6, 6), 1e308, dtype=F64)  # the sum overflows: nothing changes
     with torch.no_grad():
         torch.testing.assert_close(sparse(big), conv(big), equal_nan=True)
+
+
+STRIDED = [(3, 2, 1, 1), (1, 2, 0, 2), ((3, 5), (2, 3), (1, 2), 2), (4, 2, 1, 1), (7, 3, 3, 1)]
+
+
+@pytest.mark.parametrize("case", STRIDED, ids=[str(c) for c in STRIDED])
+def test_strided_convolutions_through_phase_planes_match_nn_conv2d(case):
+    """Stride > 1 as a stride-1 convolution of the phase planes (space-to-depth, the path
+    taken where it measured faster): the same outputs and gradients as nn.Conv2d for any input
+    size (cropping of the extra phase row / column), called directly in float64."""
+    k, s, p, g = case
+    conv = nn.Conv2d(6, 12, k, stride=s, padding=p, groups=g, dtype=F64)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape, dtype=F64) < 0.4)
+    sparse = tn.SparseConv2d.from_dense(conv, backend="native")
+    for h, w in ((11, 9), (12, 16), (7, 8)):
+        x = torch.randn(2, 6, h, w, dtype=F64, requires_grad=True)
+        y, ref = sparse._strided(x, conv.padding, sparse.bias), conv(x)
+        torch.testing.assert_close(y, ref)
+        gy = torch.randn_like(ref)
+        torch.testing.assert_close(torch.autograd.grad(y, x, gy)[0],
+                                   torch.autograd.grad(ref, x, gy)[0])
+        y = sparse._strided(x, conv.padding, sparse.bias)
+        gv = torch.autograd.grad(y, sparse.values, gy)[0].view(-1)
+        gw = torch.autograd.grad(conv(x), conv.weight, gy)[0].flatten()
+        torch.testing.assert_close(gv, gw[sparse.layout.positions()])
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        tn.SparseConv2d(6, 12, 7, stride=2, density=0.5, backend="native")._strided(
+            torch.randn(1, 6, 3, 3), (0, 0), None)
+
+
+def test_small_strided_float32_layer_takes_phase_planes_and_non_finite_inputs_do_not():
+    conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape) < 0.1)
+    sparse = tn.SparseConv2d.from_dense(conv, backend="native")
+    x = torch.randn(4, 16, 8, 8)
+    expected = tn.ops.kernel_isa() == "avx512"
+    assert sparse._phase_planes_pay(x, (1, 1)) == expected
+    assert not sparse._phase_planes_pay(torch.randn(4, 16, 32, 32), (1, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), conv(x), rtol=1e-5, atol=1e-5)
+        x[0, 3, 0, 0] = float("nan")  # a corner only the phase kernel's padding taps reach
+        x[2, 5, 4, 3] = float("inf")
+        torch.testing.assert_close(sparse(x), conv(x), equal_nan=True, rtol=1e-5, atol=1e-5)
