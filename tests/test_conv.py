@@ -308,3 +308,50 @@ def test_small_strided_float32_layer_takes_phase_planes_and_non_finite_inputs_do
         x[0, 3, 0, 0] = float("nan")  # a corner only the phase kernel's padding taps reach
         x[2, 5, 4, 3] = float("inf")
         torch.testing.assert_close(sparse(x), conv(x), equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def _ddp_conv_worker(rank, world, port, result):
+    import os
+    from reference import end_process_group
+    from torch_nerva import dst
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = tn.sparsify(_cnn(), 0.3, conv=True, generator=torch.Generator().manual_seed(0))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    # different seeds per rank on purpose: rank 0's decisions must win everywhere
+    sched = dst.DynamicSparsity(model, opt, drop_fraction=0.3, grow="random", update_every=2,
+                                anneal="constant", seed=rank)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(6):
+        x, y = torch.randn(4, 3, 10, 10, generator=g), torch.randint(10, (4,), generator=g)
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    mine = [t for m in model.modules() if isinstance(m, tn.SparseConv2d)
+            for t in (torch.cat([m.crow_indices.long(), m.col_indices.long()]),
+                      m.values.detach().reshape(-1))]
+    gathered = [[torch.empty_like(t) for _ in range(world)] for t in mine]
+    for t, out in zip(mine, gathered):
+        torch.distributed.all_gather(out, t)
+    if rank == 0:
+        result.put(len(mine) > 0 and all(torch.equal(o[0], o[1]) for o in gathered))
+    del ddp
+    end_process_group()
+
+
+def test_two_rank_ddp_trains_conv_layers_with_set_updates_identically():
+    import socket
+    import torch.multiprocessing as mp
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_ddp_conv_worker, args=(2, port, result), nprocs=2,
+                       start_method="spawn")
+    assert result.get() is True
