@@ -159,3 +159,15 @@ def test_official_inputs_and_categories_formats(tmp_path):
     assert y.tolist() == [[0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]]
     (tmp_path / "cats.tsv").write_text("1\n3\n")
     assert gc.load_categories(tmp_path / "cats.tsv").tolist() == [0, 2]
+
+
+def test_the_library_does_not_import_the_experiments():
+    """Importing torch_nerva (and its Graph Challenge inputs) loads nothing of the comparison
+    command (torch_nerva.compare): the library never depends on the experiments."""
+    import subprocess
+    import sys
+    code = ("import sys, torch_nerva, torch_nerva.graphchallenge as g; g.make_inputs(1024, 2); "
+            "print(sorted(m for m in sys.modules if m.startswith('torch_nerva.compare')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout

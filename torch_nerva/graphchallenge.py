@@ -106,7 +106,7 @@ def make_inputs(neurons: int, count: int, seed: int = 0,
         raise ValueError(f"neurons must be a perfect square for image inputs, got {neurons}")
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
-    from .compare.data import digits_arrays
+    from .datasets import digits_arrays
     g = torch.Generator().manual_seed(seed)
     arrays = digits_arrays()
     if arrays is None:

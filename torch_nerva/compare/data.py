@@ -9,8 +9,6 @@ with the training set's statistics.
 """
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..datasets import digits_arrays  # noqa: F401  (re-exported: the library owns it)
 
 DIGITS_SAMPLES, DIGITS_FEATURES, DIGITS_CLASSES = 1797, 64, 10
 CIFAR_TRAIN, CIFAR_TEST, CIFAR_CLASSES = 50000, 10000, 10
@@ -100,24 +100,6 @@ def random_crop_flip(x: Tensor, generator: Optional[torch.Generator], padding: i
 
 
 # -- sources -----------------------------------------------------------------------------------
-def digits_arrays() -> Optional[Tuple[Tensor, Tensor]]:
-    """The scikit-learn digits as (features, labels), or None when scikit-learn is missing.
-
-    The data file that scikit-learn ships is read directly, without importing scikit-learn:
-    importing it loads its own copy of libgomp, and the process should hold exactly one OpenMP
-    runtime (torch's) while it is timed.
-    """
-    spec = importlib.util.find_spec("sklearn")  # locates the package without executing it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
-    if not path.is_file():
-        return None
-    with gzip.open(path, "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    return torch.from_numpy(table[:, :-1].copy()), torch.from_numpy(table[:, -1].astype(np.int64))
-
-
 def cifar10_arrays(data_dir: Path, download: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """CIFAR-10 through torchvision: uint8 (N, 3, 32, 32) images and int64 labels, train then
     test. Raises :class:`DataUnavailable` with the reason when it cannot be had."""
