@@ -214,23 +214,57 @@ def test_twin_conversions_round_trip_bit_identically():
             assert torch.equal(a.values, b.values) and torch.equal(a.col_indices, b.col_indices)
 
 
-def test_set_updates_conv_twins_alike_and_rigl_refuses_convolutions():
+@pytest.mark.parametrize("grow", ["random", "gradient", "momentum"])
+def test_dst_updates_conv_twins_alike(grow):
     from torch_nerva import dst
     sparse = tn.sparsify(_cnn(), 0.3, conv=True, generator=torch.Generator().manual_seed(0))
     masked = tn.to_masked(sparse)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4, 3, 12, 12, generator=g), torch.randint(10, (4,), generator=g)
+    kw = dict(drop_fraction=0.3, grow=grow)
+    if grow == "gradient":
+        kw.update(batch=(x, y), loss_fn=torch.nn.functional.cross_entropy)
     for m in (sparse, masked):
-        counts = dst.prune_and_regrow(m, drop_fraction=0.3,
-                                      generator=torch.Generator().manual_seed(5))
+        if grow == "momentum":
+            rec = dst.GradientMomentum(m, beta=0.9, window=2).start()
+            for step in range(2):
+                torch.nn.functional.cross_entropy(m(x + step), y).backward()
+                rec.next_step()
+            rec.stop()
+            kw["momentum"] = rec
+        counts = dst.prune_and_regrow(m, generator=torch.Generator().manual_seed(5), **kw)
         assert counts["2"]["dropped"] == counts["2"]["grown"] > 0
-    assert torch.equal(sparse[2].mask().view(masked[2].mask.shape), masked[2].mask)
-    x = torch.randn(2, 3, 12, 12)
+    for a, b in ((sparse[0], masked[0]), (sparse[2], masked[2])):
+        assert torch.equal(a.mask().view(b.mask.shape), b.mask)
     torch.testing.assert_close(sparse(x), masked(x), rtol=1e-5, atol=1e-6)
-    before = [p.clone() for p in sparse.parameters()]
-    with pytest.raises(NotImplementedError, match="grow='random'"):
-        dst.prune_and_regrow(sparse, drop_fraction=0.3, grow="gradient",
-                             batch=(x, torch.randint(10, (2,))),
-                             loss_fn=torch.nn.functional.cross_entropy)
-    assert all(torch.equal(a, b) for a, b in zip(before, sparse.parameters()))  # untouched
+
+
+@pytest.mark.parametrize("layer_index", [0, 2])
+def test_gradient_growth_scores_are_the_dense_weight_gradient(layer_index):
+    """RigL's candidates for a convolution are the top |dL/dW| of the dense weight gradient
+    (computed block by block, groups included), against autograd on the dense model."""
+    from torch_nerva import dst
+    model = tn.sparsify(_cnn().double(), 0.3, conv=True,
+                        generator=torch.Generator().manual_seed(0))
+    layer = model[layer_index]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 3, 11, 11, dtype=F64, generator=g)
+    y = torch.randint(10, (3,), generator=g)
+    xs, dys = dst._capture(model, [layer], (x, y), torch.nn.functional.cross_entropy)[id(layer)]
+    dense = tn.densify(model)
+    torch.nn.functional.cross_entropy(dense(x), y).backward()
+    score = dense[layer_index].weight.grad.abs().flatten()
+    kept = layer.layout.positions()
+    n = 25
+    old_block = dst.SCORE_BLOCK
+    try:
+        dst.SCORE_BLOCK = 3 * layer.matrix_shape[1]  # several blocks, not aligned to groups
+        got = dst._grow_gradient(kept, n, layer.matrix_shape, xs, dys, layer)
+    finally:
+        dst.SCORE_BLOCK = old_block
+    score[kept] = -1
+    expected = torch.topk(score, n).indices.sort().values
+    assert torch.equal(got, expected)
 
 
 def test_summary_counts_output_pixels_and_npz_round_trips(tmp_path):

@@ -165,8 +165,8 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
     accepts, in the same density distribution (ERK counts its kernel dimensions). The first
     convolution (3 input channels, a tiny share of the weights) and the classifier are commonly
     kept dense in the literature: ``filter_fn=lambda name, m: not (isinstance(m, nn.Conv2d) and
-    m.in_channels == 3) and name != "fc"`` (torchvision ResNets). Off by default for now:
-    :mod:`torch_nerva.dst` updates convolutions with SET (``grow="random"``) only.
+    m.in_channels == 3) and name != "fc"`` (torchvision ResNets). Off by default, so that a
+    model's convolutions change only when asked.
 
     ``device`` places the new layers (default: each replaced layer's device). With it, a model
     built on the ``meta`` device is a shape template whose dense weights are never allocated:

@@ -1,5 +1,5 @@
-"""Dynamic sparse training without a dense matrix: SET and RigL on SparseLinear layers (SET
-also on SparseConv2d; gradient growth for convolutions is not implemented yet and refused).
+"""Dynamic sparse training without a dense matrix: SET, RigL and Sparse Momentum on
+SparseLinear and SparseConv2d layers (and their masked twins).
 
 :func:`prune_and_regrow` drops a fraction of each layer's connections and grows as many new
 ones, so every layer keeps its nnz. The CSR layout and its cached transpose are rebuilt, the
@@ -49,18 +49,6 @@ SCORE_BLOCK = 1 << 20
 def _layers(model: nn.Module) -> List[Tuple[str, Layer]]:
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, (SparseLinear, MaskedLinear, SparseConv2d, MaskedConv2d))]
-
-
-def _check_growth(layers: Sequence[Tuple[str, Layer]], grow: str) -> None:
-    """Gradient-based growth scores dY^T X for linear layers only (for now): a model with
-    convolutions is refused before anything changes."""
-    if grow != "random":
-        convs = [n for n, m in layers if isinstance(m, _CONV)]
-        if convs:
-            raise NotImplementedError(
-                f"grow={grow!r} (gradient scores) is not implemented for convolutions yet "
-                f"({', '.join(convs[:5])}{' ...' if len(convs) > 5 else ''}): use "
-                "grow='random' (SET) for models with SparseConv2d / MaskedConv2d layers")
 
 
 def _positions_values(layer: Layer) -> Tuple[Tensor, Tensor]:
@@ -141,22 +129,42 @@ def _grow_random(kept: Tensor, n_grow: int, size: int, generator: torch.Generato
 
 
 def _grow_gradient(kept: Tensor, n_grow: int, shape: Tuple[int, int], x: Tensor,
-                   dy: Tensor) -> Tensor:
-    """The ``n_grow`` non-connections with the largest |dY^T X| (ties: lower position first),
-    sorted. Computed one block of rows at a time, never as the whole out x in matrix: a block
-    only contributes the entries above the running n_grow-th best score."""
+                   dy: Tensor, layer: Optional[Layer] = None) -> Tensor:
+    """The ``n_grow`` non-connections with the largest |dL/dW| (ties: lower position first),
+    sorted. Computed one block of rows at a time, never as the whole weight matrix: a block
+    only contributes the entries above the running n_grow-th best score. For a linear layer
+    a block is ``dY[:, rows]^T X``; for a convolution (``layer`` given) it is the weight
+    gradient of those output channels (``torch.nn.grad.conv2d_weight``), blocks cut at group
+    boundaries."""
     n_out, n_in = shape
-    x = x.reshape(-1, n_in)
-    dy = dy.reshape(-1, n_out).to(x.dtype)
     rows = max(1, SCORE_BLOCK // max(n_in, 1))
+    if isinstance(layer, _CONV):
+        xp, pads = layer._padded(x)
+        dy = dy.to(xp.dtype)
+        cin_g, cout_g = layer.in_channels // layer.groups, layer.out_channels // layer.groups
+
+        def block(r0: int, r1: int) -> Tensor:
+            g = r0 // cout_g
+            w = torch.nn.grad.conv2d_weight(xp[:, g * cin_g:(g + 1) * cin_g],
+                                            (r1 - r0, cin_g, *layer.kernel_size),
+                                            dy[:, r0:r1].contiguous(), layer.stride, pads,
+                                            layer.dilation)
+            return w.reshape(r1 - r0, n_in)
+        bounds = sorted({*range(0, n_out, rows), *range(0, n_out, cout_g), n_out})
+    else:
+        x = x.reshape(-1, n_in)
+        dy = dy.reshape(-1, n_out).to(x.dtype)
+
+        def block(r0: int, r1: int) -> Tensor:
+            return dy[:, r0:r1].t() @ x  # (block x in), never out x in
+        bounds = [*range(0, n_out, rows), n_out]
     best_scores = x.new_empty(0)
     best_pos = torch.empty(0, dtype=torch.long)
     kept_rows = torch.div(kept, n_in, rounding_mode="floor")
-    for r0 in range(0, n_out, rows):
-        r1 = min(r0 + rows, n_out)
-        score = (dy[:, r0:r1].t() @ x).abs().cpu()  # (block x in), never out x in
+    for r0, r1 in zip(bounds[:-1], bounds[1:]):
+        score = block(r0, r1).abs().cpu()
         lo, hi = torch.searchsorted(kept_rows, torch.tensor([r0, r1]))
-        flat = score.view(-1)
+        flat = score.reshape(-1)
         flat[kept[lo:hi] - r0 * n_in] = -1.0  # existing connections are not candidates
         if best_scores.numel() >= n_grow > 0:
             # only entries above the current n_grow-th best can enter (ties lose: the
@@ -263,8 +271,6 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
         raise ValueError(f"grow={grow!r} needs the layer's inputs and output gradients "
                          "(prune_and_regrow captures them from batch= and loss_fn=, or takes "
                          "them from a GradientMomentum recorder)")
-    if grow != "random" and isinstance(layer, _CONV):
-        _check_growth([(type(layer).__name__, layer)], grow)
     shape = layer.matrix_shape
     size = shape[0] * shape[1]
     positions, values = _positions_values(layer)
@@ -285,7 +291,7 @@ def update_layer(layer: Layer, optimizer: Optional[torch.optim.Optimizer], *,
         gen = generator or torch.Generator().manual_seed(0)
         grown = _grow_random(kept, n_drop, size, gen)
     else:
-        grown = _grow_gradient(kept, n_drop, shape, inputs, grad_outputs)
+        grown = _grow_gradient(kept, n_drop, shape, inputs, grad_outputs, layer)
     merged = torch.cat([kept, grown])  # disjoint: grown never picks a kept position
     order = torch.sort(merged).indices
     new_positions = merged[order]
@@ -461,7 +467,7 @@ class GradientMomentum:
         """Attach the hooks (idempotent)."""
         if not self._handles:
             self._handles = [m.register_forward_hook(self._forward)
-                             for _, m in _layers(self.model) if not isinstance(m, _CONV)]
+                             for _, m in _layers(self.model)]
         return self
 
     def stop(self) -> None:
@@ -518,6 +524,14 @@ class GradientMomentum:
         if not recs:
             return None, None
         newest = max(r[0] for r in recs)
+        if isinstance(layer, _CONV):  # images stack along the batch: dW is linear in it
+            xs = [r[1] for r in recs]
+            dys = [r[2] * self.beta ** (newest - r[0]) for r in recs]
+            if len({tuple(t.shape[1:]) for t in xs}) > 1:
+                raise ValueError("grow='momentum' on a convolution needs inputs of one size in "
+                                 "the recorded steps, got " + ", ".join(
+                                     str(tuple(t.shape)) for t in xs))
+            return torch.cat(xs), torch.cat(dys)
         xs = [r[1].reshape(-1, layer.in_features) for r in recs]
         dys = [r[2].reshape(-1, layer.out_features) * self.beta ** (newest - r[0])
                for r in recs]
@@ -532,8 +546,8 @@ def prune_and_regrow(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
                      allocation: str = "layer",
                      momentum: Optional[GradientMomentum] = None,
                      averaged: Sequence[nn.Module] = ()) -> Dict[str, Dict]:
-    """Update every sparse layer of ``model`` in place (SparseLinear, MaskedLinear, and, with
-    ``grow="random"`` only, SparseConv2d / MaskedConv2d), nnz per layer kept;
+    """Update every sparse layer of ``model`` in place (SparseLinear, MaskedLinear,
+    SparseConv2d, MaskedConv2d), nnz per layer kept;
     returns ``{layer name: {"nnz", "dropped", "grown"}}``.
 
     ``grow="gradient"`` (RigL) scores non-connections by |dL/dW| on ``batch = (x, y)`` with
@@ -563,7 +577,6 @@ def prune_and_regrow(model: nn.Module, optimizer: Optional[torch.optim.Optimizer
     if allocation == "global" and drop != "magnitude":
         raise ValueError("allocation='global' ranks magnitudes across layers: use drop='magnitude'")
     layers = _layers(model)
-    _check_growth(layers, grow)
     copies = _averaged_layers(layers, averaged)
     budgets: Dict[int, int] = {}
     if allocation == "global" and layers:
