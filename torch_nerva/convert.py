@@ -15,7 +15,7 @@ from torch import nn
 from .init import layer_nnz
 from .layout import CSRLayout, check_density
 from .nn.attention import SparseMultiheadAttention
-from .nn.conv import MaskedConv2d, SparseConv2d
+from .nn.conv import MaskedConv2d, SparseConv2d, conv_args
 from .nn.linear import MaskedLinear, SparseLinear, keep_largest
 
 _SPARSE_LAYERS = (SparseLinear, MaskedLinear, SparseConv2d, MaskedConv2d)
@@ -223,7 +223,7 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
                 layer = SparseConv2d.from_dense(m, mask=keep_largest(m.weight, k),
                                                 backend=backend, index_dtype=index_dtype)
             else:
-                layer = SparseConv2d(**SparseConv2d._conv_args(m), nnz=k, backend=backend,
+                layer = SparseConv2d(**conv_args(m), nnz=k, backend=backend,
                                      device=m.weight.device if device is None else device,
                                      dtype=m.weight.dtype, generator=generator,
                                      index_dtype=index_dtype)
@@ -272,7 +272,7 @@ def to_masked(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     def make(name, m):
         if isinstance(m, SparseConv2d):
-            out = MaskedConv2d(**_conv_args_of(m), nnz=0, backend=m.backend,
+            out = MaskedConv2d(**conv_args(m), nnz=0, backend=m.backend,
                                device=m.values.device, dtype=m.values.dtype)
             with torch.no_grad():
                 out.weight.copy_(m.dense_weight4d())
@@ -295,14 +295,6 @@ def to_masked(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                     inplace)
 
 
-def _conv_args_of(m) -> dict:
-    """nn.Conv2d's constructor arguments of a (sparse or masked) conv layer."""
-    return dict(in_channels=m.in_channels, out_channels=m.out_channels,
-                kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
-                dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
-                padding_mode=m.padding_mode)
-
-
 def to_sparse(model: nn.Module, *, inplace: bool = False, backend: Optional[str] = None,
               index_dtype=None) -> nn.Module:
     """Every :class:`MaskedLinear` becomes a :class:`SparseLinear` (every :class:`MaskedConv2d`
@@ -315,7 +307,7 @@ def to_sparse(model: nn.Module, *, inplace: bool = False, backend: Optional[str]
         w = m._weight() if isinstance(m, MaskedLinear) else m.weight
         values = w.detach().flatten()[layout.positions().to(w.device)]
         if isinstance(m, MaskedConv2d):
-            layer = SparseConv2d(**_conv_args_of(m), nnz=0, backend=backend or m.backend,
+            layer = SparseConv2d(**conv_args(m), nnz=0, backend=backend or m.backend,
                                  device=w.device, dtype=w.dtype, index_dtype=index_dtype)
             layer._adopt(layout, values)
             if m.bias is not None:
@@ -338,7 +330,7 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     def make(name, m) -> nn.Module:
         if isinstance(m, (SparseConv2d, MaskedConv2d)):
             w = m.dense_weight4d().detach()
-            out = nn.Conv2d(**_conv_args_of(m), device=w.device, dtype=w.dtype)
+            out = nn.Conv2d(**conv_args(m), device=w.device, dtype=w.dtype)
         else:
             w = m.dense_weight().detach()
             out = nn.Linear(m.in_features, m.out_features, m.bias is not None, device=w.device,

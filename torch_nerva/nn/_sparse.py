@@ -10,7 +10,7 @@ DST and loading) and the all-or-nothing state dict.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -48,14 +48,11 @@ def _bump_versions(*tensors: Optional[Tensor]) -> None:
 
 
 class SparseWeightModule(nn.Module):
-    """Base of the truly sparse layers (see the module docstring). Subclasses define
-    ``matrix_shape``, ``fan_in``, ``fan_out``, ``flops_per_example`` and ``forward``, set
+    """Base of the truly sparse layers (see the module docstring). Subclasses (or a base they
+    list after this one, as SparseLinear's _LinearBase) define ``matrix_shape`` ((rows,
+    columns) of the weight matrix the CSR topology describes), ``forward`` and, where the
+    matrix's defaults do not fit, ``fan_in``, ``fan_out`` and ``flops_per_example``; they set
     ``backend`` before the weight, and call ``_init_weight(layout, values, device)``."""
-
-    @property
-    def matrix_shape(self) -> Tuple[int, int]:
-        """(rows, columns) of the weight matrix the CSR topology describes."""
-        raise NotImplementedError
 
     @property
     def fan_in(self) -> int:

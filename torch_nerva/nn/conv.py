@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from .. import backends
 from ..init import init_bias, init_values
 from ..layout import CSRLayout
-from ._sparse import SparseWeightModule, keep_largest
-from .linear import _make_layout
+from ._sparse import SparseWeightModule
+from .linear import _dense_mask, _make_layout
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -81,15 +81,21 @@ class _ConvBase(nn.Module):
                                  f"the matrix shape {(rows, cols)}), got {tuple(mask.shape)}")
             mask = mask.reshape(rows, cols)
         layout = _make_layout(cols, rows, density, mask, nnz, generator, index_dtype)
-        kh, kw = self.kernel_size
-        values = init_values(layout.nnz, cols, out_channels * kh * kw, dtype=dtype,
-                             generator=generator, total=rows * cols)
-        self._init_weight(layout, values, device)
+        self._init_weight(layout, self._draw_values(layout.nnz, dtype, generator), device)
         if bias:
-            self.bias = nn.Parameter(init_bias(cols, out_channels, dtype=dtype,
-                                               generator=generator).to(device))
+            self.bias = nn.Parameter(self._draw_bias(dtype, generator).to(device))
         else:
             self.register_parameter("bias", None)
+
+    def _draw_values(self, nnz: int, dtype, generator) -> Tensor:
+        """Glorot uniform with PyTorch's conv fans, scaled for the realised density."""
+        rows, cols = self.matrix_shape
+        return init_values(nnz, self.fan_in, self.fan_out, dtype=dtype, generator=generator,
+                           total=rows * cols)
+
+    def _draw_bias(self, dtype, generator) -> Tensor:
+        """As ``nn.Conv2d``'s: U(+-1/sqrt(fan_in))."""
+        return init_bias(self.fan_in, self.out_channels, dtype=dtype, generator=generator)
 
     @property
     def weight_shape(self) -> Tuple[int, int, int, int]:
@@ -162,28 +168,22 @@ class _ConvBase(nn.Module):
             s += f", padding_mode={self.padding_mode}"
         return s + f", nnz={self.nnz}, density={self.density:.4g}"
 
-    @classmethod
-    def _conv_args(cls, conv: nn.Conv2d) -> dict:
-        return dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
-                    kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                    padding_mode=conv.padding_mode)
+def conv_args(conv: nn.Module) -> dict:
+    """``nn.Conv2d``'s constructor arguments of a convolution (``nn.Conv2d``, SparseConv2d or
+    MaskedConv2d): the same layer geometry under another class."""
+    return dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
+                kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                padding_mode=conv.padding_mode)
 
 
 def _conv_keep(conv: nn.Conv2d, density, mask) -> Tensor:
-    """The boolean (out, in / groups, kh, kw) pattern kept from a dense conv."""
-    w = conv.weight
-    if density is not None and mask is not None:
-        raise TypeError("give density= or mask=, not both")
-    if mask is not None:
-        if not isinstance(mask, Tensor) or mask.numel() != w.numel():
-            raise ValueError(f"mask must be a tensor of shape {tuple(w.shape)}")
-        return mask.reshape(w.shape) != 0
-    if density is not None:
-        from ..layout import check_density
-        from ..init import round_half_up
-        return keep_largest(w, round_half_up(check_density(density) * w.numel()))
-    return w.detach() != 0
+    """The boolean (out, in / groups, kh, kw) pattern kept from a dense conv: linear.py's
+    rule (largest magnitudes, a mask, or the nonzeros), with a mask of the matrix shape
+    accepted too."""
+    if isinstance(mask, Tensor) and mask.numel() == conv.weight.numel():
+        mask = mask.reshape(conv.weight.shape)
+    return _dense_mask(conv, density, mask) != 0
 
 
 class SparseConv2d(_ConvBase, SparseWeightModule):
@@ -323,16 +323,11 @@ class SparseConv2d(_ConvBase, SparseWeightModule):
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """Re-draw the kept values and the bias (topology unchanged)."""
-        kh, kw = self.kernel_size
-        cols = self.matrix_shape[1]
         with torch.no_grad():
-            self.values.copy_(init_values(self.nnz, cols, self.out_channels * kh * kw,
-                                          dtype=self.values.dtype, generator=generator,
-                                          total=self.out_channels * cols
-                                          ).view(self.values.shape))
+            self.values.copy_(self._draw_values(self.nnz, self.values.dtype, generator)
+                              .view(self.values.shape))
             if self.bias is not None:
-                self.bias.copy_(init_bias(cols, self.out_channels, dtype=self.bias.dtype,
-                                          generator=generator))
+                self.bias.copy_(self._draw_bias(self.bias.dtype, generator))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend}" + (
@@ -346,7 +341,7 @@ class SparseConv2d(_ConvBase, SparseWeightModule):
         ``mask``, or, with neither, its nonzeros); values and bias are copied."""
         keep = _conv_keep(conv, density, mask)
         w = conv.weight.detach()
-        layer = cls(**cls._conv_args(conv), nnz=0, backend=backend, device=w.device,
+        layer = cls(**conv_args(conv), nnz=0, backend=backend, device=w.device,
                     dtype=w.dtype, index_dtype=index_dtype)
         rows, cols = layer.matrix_shape
         layout = CSRLayout.from_mask(keep.reshape(rows, cols).cpu(), index_dtype)
@@ -409,7 +404,7 @@ class MaskedConv2d(_ConvBase):
         """As :meth:`SparseConv2d.from_dense`, keeping a dense weight and a mask."""
         keep = _conv_keep(conv, density, mask)
         w = conv.weight
-        layer = cls(**cls._conv_args(conv), nnz=0, backend=backend, device=w.device,
+        layer = cls(**conv_args(conv), nnz=0, backend=backend, device=w.device,
                     dtype=w.dtype)
         keep = keep.to(w.device)
         with torch.no_grad():

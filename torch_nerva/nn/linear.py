@@ -140,10 +140,6 @@ class SparseLinear(SparseWeightModule, _LinearBase):
     """
 
     @property
-    def matrix_shape(self):
-        return (self.out_features, self.in_features)
-
-    @property
     def weight(self) -> Tensor:
         """The (out x in) weight for code written for ``nn.Linear``: a :class:`SparseWeight`
         holding no data, whose linear products (``F.linear(x, layer.weight, layer.bias)``,
