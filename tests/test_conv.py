@@ -389,3 +389,40 @@ def test_two_rank_ddp_trains_conv_layers_with_set_updates_identically():
     mp.start_processes(_ddp_conv_worker, args=(2, port, result), nprocs=2,
                        start_method="spawn")
     assert result.get() is True
+
+
+def test_torchvision_resnet18_trains_like_its_masked_twin():
+    """A model nobody here wrote: torchvision's ResNet-18 (CIFAR stem), its convolutions
+    sparsified (first conv and fc dense), trained with SGD Nesterov + weight decay and a
+    cosine schedule: the CSR model and its masked twin stay equal step by step in float64,
+    and every SparseConv2d ran the native kernels (backend native, some of them strided)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet18(num_classes=10)
+    dense.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    dense.maxpool = nn.Identity()
+    keep = lambda n, m: not (isinstance(m, nn.Conv2d) and m.in_channels == 3) and n != "fc"  # noqa
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tn.DenseWeightsWarning)
+        sparse = tn.sparsify(dense.double(), 0.1, conv=True, filter_fn=keep, backend="native",
+                             generator=torch.Generator().manual_seed(1))
+    masked = tn.to_masked(sparse)
+    convs = [m for m in sparse.modules() if isinstance(m, tn.SparseConv2d)]
+    assert len(convs) == 19 and any(m.stride == (2, 2) for m in convs)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 16, 16, dtype=F64, generator=g)
+    y = torch.randint(10, (2,), generator=g)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                            weight_decay=5e-4) for m in (sparse, masked)]
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=3) for o in opts]
+    for _ in range(3):
+        for m, opt, sched in zip((sparse, masked), opts, scheds):
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+        torch.testing.assert_close(sparse(x), masked(x))
+    for a, b in zip(convs, [m for m in masked.modules() if isinstance(m, tn.MaskedConv2d)]):
+        torch.testing.assert_close(a.dense_weight4d(), b.weight * b.mask)
+        assert bool((b.weight[~b.mask] == 0).all())  # weight decay kept the mask
