@@ -107,8 +107,8 @@ def test_sparsify_magnitude_init_keeps_largest_weights():
         if isinstance(sparse_l, tn.SparseLinear):
             w = dense_l.weight.detach()
             assert sparse_l.nnz == round(0.2 * w.numel())
-            assert torch.equal(sparse_l.dense_weight(), w * sparse_l.mask())
-            assert w.abs()[sparse_l.mask()].min() >= w.abs()[~sparse_l.mask()].max()
+            assert torch.equal(sparse_l.dense_weight(), w * sparse_l.mask)
+            assert w.abs()[sparse_l.mask].min() >= w.abs()[~sparse_l.mask].max()
 
 
 def test_sparsify_top_level_linear_and_dtype():

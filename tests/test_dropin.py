@@ -92,7 +92,7 @@ def test_in_place_writes_land_at_the_nonzeros_only():
     layer.weight.data.mul_(2)
     torch.testing.assert_close(layer.flat_values().detach(), 2 * target.flatten()[positions])
     torch.testing.assert_close(layer.dense_weight().detach(),
-                               (2 * target) * layer.mask())  # absent positions stay absent
+                               (2 * target) * layer.mask)  # absent positions stay absent
 
 
 def test_weight_reaching_cpp_below_python_raises_clearly():
@@ -396,7 +396,7 @@ def test_ema_follows_connections_across_dst_updates(holder):
     dense_ema = [m.dense_weight().detach().clone() for m in layers]
     # connections dropped by some update: the dense EMA keeps a decaying residual there, the
     # sparse one forgets them, so they are compared only if never regrown
-    dropped = [torch.zeros_like(m.mask()) for m in layers]
+    dropped = [torch.zeros_like(m.mask) for m in layers]
     sched = dst.DynamicSparsity(model, drop_fraction=0.3, update_every=3, anneal="constant",
                                 averaged=avg)
     g = torch.Generator().manual_seed(1)
@@ -407,13 +407,13 @@ def test_ema_follows_connections_across_dst_updates(holder):
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
-        held = [m.mask() for m in layers]
+        held = [m.mask for m in layers]
         w_before = [m.dense_weight().detach() for m in layers]
         counts = sched.step()
         if counts is not None:  # dropped, or dropped and regrown in the same update (reset to 0)
             for i, m in enumerate(layers):
                 w_after = m.dense_weight().detach()
-                dropped[i] |= held[i] & (~m.mask() | ((w_after == 0) & (w_before[i] != 0)))
+                dropped[i] |= held[i] & (~m.mask | ((w_after == 0) & (w_before[i] != 0)))
         if holder == "averaged_model":
             avg.update_parameters(model)
         else:

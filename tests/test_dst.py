@@ -76,7 +76,7 @@ def test_gradient_growth_picks_the_largest_dense_gradients():
     layer = tn.SparseLinear(30, 20, density=0.2, generator=torch.Generator().manual_seed(0))
     x, dy = torch.randn(16, 30), torch.randn(16, 20)
     score = (dy.t() @ x).abs()
-    score[layer.mask()] = -1
+    score[layer.mask] = -1
     expected = torch.topk(score.flatten(), 10).indices.sort().values
     kept = layer.layout.positions()
     old = dst.SCORE_BLOCK
@@ -111,7 +111,7 @@ def test_masked_and_csr_twins_stay_identical_step_by_step(make_opt, drop, grow):
             sched.step(batch=(x, y))
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
         for s, m in zip(_sparse_layers(sparse), _masked_layers(masked)):
-            assert torch.equal(s.mask(), m.mask)
+            assert torch.equal(s.mask, m.mask)
             torch.testing.assert_close(s.dense_weight(), m.weight * m.mask, rtol=1e-5, atol=1e-6)
     assert scheds[0].updates == 6
     # the Parameter objects survived every update: the optimizer still holds them
@@ -184,7 +184,7 @@ def test_scheduler_timing_annealing_and_determinism():
         updated = [s for s in range(1, 40) if sched.step() is not None]
         assert updated == [5, 10, 15, 20, 25]
         fractions.append([h["fraction"] for h in sched.history])
-        masks = [m.mask() for m in _sparse_layers(model)]
+        masks = [m.mask for m in _sparse_layers(model)]
     assert fractions[0] == fractions[1] and fractions[0][0] == pytest.approx(0.4)
     assert all(a > b for a, b in zip(fractions[0], fractions[0][1:]))
     again = _model()
@@ -192,7 +192,7 @@ def test_scheduler_timing_annealing_and_determinism():
                                 anneal="cosine", seed=11)
     for _ in range(39):
         sched.step()
-    assert all(torch.equal(a, m.mask()) for a, m in zip(masks, _sparse_layers(again)))
+    assert all(torch.equal(a, m.mask) for a, m in zip(masks, _sparse_layers(again)))
 
 
 def test_bad_arguments():
@@ -257,7 +257,7 @@ def test_global_allocation_drops_the_smallest_weights_across_layers():
     with torch.no_grad():
         layers[1].values.mul_(0.001)  # the second layer's weights are all tiny
     before = [m.nnz for m in layers]
-    masks = [m.mask() for m in layers]
+    masks = [m.mask for m in layers]
     total = sum(before)
     counts = dst.prune_and_regrow(model, drop_fraction=0.1, allocation="global",
                                   generator=torch.Generator().manual_seed(0))
@@ -265,7 +265,7 @@ def test_global_allocation_drops_the_smallest_weights_across_layers():
     assert sum(dropped) == round(0.1 * total)
     assert dropped[0] == 0 and dropped[1] == round(0.1 * total)  # all from the tiny layer
     assert [m.nnz for m in layers] == before
-    assert torch.equal(layers[0].mask(), masks[0]) and not torch.equal(layers[1].mask(), masks[1])
+    assert torch.equal(layers[0].mask, masks[0]) and not torch.equal(layers[1].mask, masks[1])
     with pytest.raises(ValueError, match="drop='magnitude'"):
         dst.prune_and_regrow(model, drop_fraction=0.1, drop="set", allocation="global")
 
@@ -309,7 +309,7 @@ def test_momentum_growth_scores_the_truncated_momentum_of_the_dense_gradient():
         x, dy = rec.inputs_for(layer)
         torch.testing.assert_close(dy.t() @ x, m, rtol=1e-4, atol=1e-6)
         score = m.abs()
-        score[layer.mask()] = -1
+        score[layer.mask] = -1
         k = layer.nnz // 4
         expected = torch.topk(score.flatten(), k).indices.sort().values
         assert torch.equal(dst._grow_gradient(layer.layout.positions(), k, score.shape, x, dy),

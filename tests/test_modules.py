@@ -73,7 +73,7 @@ def test_large_layer_sampling_is_exact_without_dense_buffers():
 def test_twins_hold_identical_weights_and_outputs(dtype):
     s, m = twins(40, 30, density=0.2, dtype=dtype)
     assert torch.equal(s.dense_weight(), m.weight * m.mask)
-    assert torch.equal(s.mask(), m.mask) and torch.equal(s.bias, m.bias)
+    assert torch.equal(s.mask, m.mask) and torch.equal(s.bias, m.bias)
     assert torch.equal(s.weight.to_dense(), m.dense_weight())
     x = torch.randn(8, 40, dtype=dtype)
     torch.testing.assert_close(s(x), m(x), **tol(dtype))
@@ -227,19 +227,19 @@ def test_from_dense_keeps_largest_or_masked_or_nonzero():
     s = tn.SparseLinear.from_dense(lin, density=0.25)
     m = tn.MaskedLinear.from_dense(lin, density=0.25)
     assert s.nnz == 50 and m.nnz == 50
-    kept = lin.weight.detach().abs()[s.mask()]
-    dropped = lin.weight.detach().abs()[~s.mask()]
+    kept = lin.weight.detach().abs()[s.mask]
+    dropped = lin.weight.detach().abs()[~s.mask]
     assert kept.min() >= dropped.max()
     x = torch.randn(3, 20)
     torch.testing.assert_close(s(x), m(x))
-    torch.testing.assert_close(s(x), x @ (lin.weight * s.mask()).t() + lin.bias)
+    torch.testing.assert_close(s(x), x @ (lin.weight * s.mask).t() + lin.bias)
     mask = torch.rand(10, 20) < 0.3
     s2 = tn.SparseLinear.from_dense(lin, mask=mask)
-    assert torch.equal(s2.mask(), mask)
+    assert torch.equal(s2.mask, mask)
     with torch.no_grad():
         lin.weight[lin.weight.abs() < 0.1] = 0
     s3 = tn.SparseLinear.from_dense(lin)
-    assert torch.equal(s3.mask(), lin.weight != 0)
+    assert torch.equal(s3.mask, lin.weight != 0)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -387,3 +387,27 @@ def test_cusparse_backend_refuses_cpu_tensors():
     layer = tn.SparseLinear(10, 5, density=0.5, backend="cusparse")
     with pytest.raises(RuntimeError, match="runs on CUDA tensors only"):
         layer(torch.randn(2, 10))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_mask_is_the_same_kind_of_thing_on_both_twins(kind):
+    """``layer.mask`` is a bool tensor in the weight's shape on the CSR layer (a property) and on
+    its masked twin (a buffer), with equal contents; the old call form still works but warns."""
+    if kind == "linear":
+        sparse = tn.SparseLinear(7, 5, density=0.3, generator=torch.Generator().manual_seed(0))
+        shape = (5, 7)
+    else:
+        sparse = tn.SparseConv2d(4, 6, 3, groups=2, density=0.3,
+                                 generator=torch.Generator().manual_seed(0))
+        shape = (6, 2, 3, 3)
+    masked = tn.to_masked(sparse)
+    assert sparse.mask.shape == masked.mask.shape == shape
+    assert sparse.mask.dtype == masked.mask.dtype == torch.bool
+    assert torch.equal(sparse.mask, masked.mask)
+    assert int(sparse.mask.sum()) == sparse.nnz
+    assert type(sparse.mask & masked.mask) is torch.Tensor  # results are plain tensors
+    with pytest.warns(DeprecationWarning, match="drop the call"):
+        called = sparse.mask()
+    assert type(called) is torch.Tensor and torch.equal(called, masked.mask)
+    with pytest.raises(AttributeError):
+        sparse.mask = torch.ones(shape, dtype=torch.bool)  # read-only: the topology decides it

@@ -276,7 +276,7 @@ def to_masked(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                                device=m.values.device, dtype=m.values.dtype)
             with torch.no_grad():
                 out.weight.copy_(m.dense_weight4d())
-                out.mask.copy_(m.mask().view(out.mask.shape))
+                out.mask.copy_(m.mask)
                 if m.bias is not None:
                     out.bias.copy_(m.bias)
             out.train(m.training)
@@ -285,7 +285,7 @@ def to_masked(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                            backend=m.backend, device=m.values.device, dtype=m.values.dtype)
         with torch.no_grad():
             out._weight().copy_(m.dense_weight())
-            out.mask.copy_(m.mask())
+            out.mask.copy_(m.mask)
             if m.bias is not None:
                 out.bias.copy_(m.bias)
         out.train(m.training)

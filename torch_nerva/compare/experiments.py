@@ -330,7 +330,7 @@ def topology_difference(csr: nn.Module, masked: nn.Module) -> float:
     differ = total = 0
     for s, m in zip((m for m in csr.modules() if isinstance(m, SparseLinear)),
                     (m for m in masked.modules() if isinstance(m, MaskedLinear))):
-        differ += int((s.mask() != m.mask).sum()) // 2
+        differ += int((s.mask != m.mask).sum()) // 2
         total += s.nnz
     return differ / total if total else 0.0
 

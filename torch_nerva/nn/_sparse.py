@@ -27,6 +27,23 @@ def keep_largest(weight: Tensor, k: int) -> Tensor:
     return mask.view(weight.shape)
 
 
+class _Mask(Tensor):
+    """The bool tensor :attr:`SparseWeightModule.mask` returns. ``mask`` used to be a method;
+    calling the tensor (``layer.mask()``) still returns it, with a DeprecationWarning. Results of
+    operations on it are plain tensors."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __new__(cls, data: Tensor):
+        return Tensor._make_subclass(cls, data)
+
+    def __call__(self) -> Tensor:
+        import warnings
+        warnings.warn("layer.mask is a tensor property (as the masked twin's mask buffer); "
+                      "layer.mask() is deprecated: drop the call", DeprecationWarning, stacklevel=2)
+        return self.as_subclass(Tensor)
+
+
 class _ParametrizationDict(nn.ModuleDict):
     """``module.parametrizations`` of a sparse layer: a ModuleDict whose keys may be names
     that ModuleDict itself defines as methods (``values``): torch.nn.utils.parametrize reads
@@ -170,9 +187,12 @@ class SparseWeightModule(nn.Module):
 
     to_dense = dense_weight
 
+    @property
     def mask(self) -> Tensor:
-        """The boolean pattern of the weight matrix (allocates it densely)."""
-        return self.layout.to_mask()
+        """The boolean pattern of the weight, in the weight's shape (``weight_shape``: the
+        masked twin's ``mask`` buffer has the same shape and contents). Read-only and dense:
+        it allocates one bool per weight entry on every read."""
+        return _Mask(self.layout.to_mask().view(self.weight_shape))
 
     def _adopt(self, layout: CSRLayout, values: Tensor, grad: Optional[Tensor] = None) -> None:
         """Replace topology and values (same Parameter object, new size). ``layout`` must be

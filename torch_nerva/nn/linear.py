@@ -8,7 +8,7 @@ then values, then bias), so ``SparseLinear(..., generator=g1)`` and
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -98,9 +98,14 @@ class _LinearBase(nn.Module):
         raise NotImplementedError
 
     @property
-    def matrix_shape(self):
-        """(out_features, in_features): the weight matrix."""
+    def weight_shape(self) -> Tuple[int, int]:
+        """``(out_features, in_features)``: the shape of ``nn.Linear.weight``."""
         return (self.out_features, self.in_features)
+
+    @property
+    def matrix_shape(self):
+        """(out_features, in_features): the weight matrix (the weight itself)."""
+        return self.weight_shape
 
     @property
     def nnz(self) -> int:
