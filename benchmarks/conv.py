@@ -6,7 +6,10 @@ The 3x3 (padding 1) layers of a ResNet-18 for CIFAR: 64->64 at 32x32, 128->128 a
 256->256 at 8x8, 512->512 at 4x4. Per layer and density (random uniform pattern), the forward
 and the forward + backward (dX, dW / dvalues; no bias) of both are timed interleaved in one
 process (common.time_interleaved), medians over --reps rounds; ratio = sparse / dense time
-(< 1: sparse is faster). A measurement, not a test.
+(< 1: sparse is faster). Also timed in the same rounds: the masked twin (``weight * mask`` in
+every call, as MaskedConv2d; its ratio is sparse / masked) and, when PyPI ``sparseprop`` is
+installed, SparseProp's sparse conv (the faster of its two vectorisation orders; its ratio is
+SparseProp / dense). A measurement, not a test.
 """
 from __future__ import annotations
 
@@ -49,6 +52,17 @@ def layer_calls(channels: int, size: int, density: float, batch: int, gen: torch
         x.grad = weight.grad = None
         F.conv2d(x, weight, None, 1, 1).backward(g)
 
+    mask4 = mask.view(weight.shape)
+    masked_weight = weight.detach().clone().requires_grad_()
+
+    def masked_fwd():  # the masked twin: weight * mask in every call (MaskedConv2d)
+        with torch.no_grad():
+            F.conv2d(x, masked_weight * mask4, None, 1, 1)
+
+    def masked_fb():
+        x.grad = masked_weight.grad = None
+        F.conv2d(x, masked_weight * mask4, None, 1, 1).backward(g)
+
     def sparse_fb():
         x.grad = values.grad = None
         ops.sparse_conv2d(x, values, None, crow, col, crow_t, col_t, perm, 3, 1, 1).backward(g)
@@ -58,8 +72,41 @@ def layer_calls(channels: int, size: int, density: float, batch: int, gen: torch
     with torch.no_grad():
         y = ops.sparse_conv2d(x, values, None, crow, col, crow_t, col_t, perm, 3, 1, 1)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    return int(mask.sum()), dict(dense_fwd=dense_fwd, sparse_fwd=sparse_fwd, dense_fb=dense_fb,
-                                 sparse_fb=sparse_fb)
+    calls = dict(dense_fwd=dense_fwd, sparse_fwd=sparse_fwd, dense_fb=dense_fb,
+                 sparse_fb=sparse_fb, masked_fwd=masked_fwd, masked_fb=masked_fb)
+    calls.update(sparseprop_calls(weight.detach(), x, g, y_ref))
+    return int(mask.sum()), calls
+
+
+def sparseprop_calls(weight, x, g, y_ref):
+    """SparseProp's sparse conv (PyPI ``sparseprop``; float32, square kernels), both of its
+    vectorisation orders (its own ``sparsify_conv2d_auto`` times them and keeps the faster one;
+    here both are timed and the faster is reported). Empty when it is not installed."""
+    try:
+        from sparseprop.modules.conv2d import SparseConv2d as SPConv
+    except ImportError:
+        return {}
+    calls = {}
+    for over_on in (False, True):
+        conv = torch.nn.Conv2d(weight.shape[1], weight.shape[0], 3, padding=1, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+        sp = SPConv.from_dense(conv, vectorizing_over_on=over_on)
+        with torch.no_grad():
+            torch.testing.assert_close(sp(x.detach()), y_ref, rtol=1e-4, atol=1e-4)
+        tag = "on" if over_on else "off"
+
+        def fwd(sp=sp):
+            with torch.no_grad():
+                sp(x)
+
+        def fb(sp=sp):
+            x.grad = sp.W_val.grad = None
+            sp(x).backward(g)
+
+        calls[f"sparseprop_{tag}_fwd"] = fwd
+        calls[f"sparseprop_{tag}_fb"] = fb
+    return calls
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -76,7 +123,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"ISA {ops.kernel_isa()}, CPU {cpu_model() or platform.processor()}, "
               f"batch {args.batch}, reps {args.reps} (medians, ms)")
         header = (f"{'layer':>16} {'density':>7} {'nnz':>8} | {'dense fwd':>9} {'sparse fwd':>10} "
-                  f"{'ratio':>6} | {'dense f+b':>9} {'sparse f+b':>10} {'ratio':>6}")
+                  f"{'ratio':>6} | {'dense f+b':>9} {'sparse f+b':>10} {'ratio':>6} | "
+                  f"{'masked f+b':>10} {'ratio':>6} | {'SparseProp f+b':>14} {'ratio':>6}")
         print(header)
         gen = torch.Generator().manual_seed(0)
         for channels, size in LAYERS:
@@ -89,10 +137,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for k, e in errors.items():
                     print(f"# {k} failed: {e!r}")
                 name = f"{channels}->{channels} {size}x{size}"
+                sp = [med[k] for k in ("sparseprop_off_fb", "sparseprop_on_fb") if k in med]
+                sp_text = (f"{min(sp):>14.2f} {min(sp) / med['dense_fb']:>6.2f}" if sp
+                           else f"{'not installed':>14} {'':>6}")
                 print(f"{name:>16} {density:>7.3f} {nnz:>8} | {med['dense_fwd']:>9.2f} "
                       f"{med['sparse_fwd']:>10.2f} {med['sparse_fwd'] / med['dense_fwd']:>6.2f} | "
                       f"{med['dense_fb']:>9.2f} {med['sparse_fb']:>10.2f} "
-                      f"{med['sparse_fb'] / med['dense_fb']:>6.2f}", flush=True)
+                      f"{med['sparse_fb'] / med['dense_fb']:>6.2f} | {med['masked_fb']:>10.2f} "
+                      f"{med['sparse_fb'] / med['masked_fb']:>6.2f} | {sp_text}", flush=True)
     return 0
 
 
