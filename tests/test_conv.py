@@ -171,13 +171,16 @@ def _cnn():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
-def test_sparsify_converts_convolutions_when_asked_with_erk_counting_kernels():
+def test_sparsify_converts_convolutions_with_erk_counting_kernels():
     import warnings
     model = _cnn()
+    default = tn.sparsify(model, 0.2, generator=torch.Generator().manual_seed(0))
+    assert [type(default[i]) for i in (0, 2, 6)] == [tn.SparseConv2d, tn.SparseConv2d,
+                                                      tn.SparseLinear]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        default = tn.sparsify(model, 0.2, generator=torch.Generator().manual_seed(0))
-    assert isinstance(default[0], nn.Conv2d) and isinstance(default[6], tn.SparseLinear)
+        linear_only = tn.sparsify(model, 0.2, conv=False, generator=torch.Generator().manual_seed(0))
+    assert type(linear_only[0]) is nn.Conv2d and isinstance(linear_only[6], tn.SparseLinear)
     assert any(issubclass(w.category, tn.DenseWeightsWarning) and "0.weight" in str(w.message)
                for w in caught)  # the convolutions that stay dense are named
     keep_first = lambda name, m: not (isinstance(m, nn.Conv2d) and m.in_channels == 3)  # noqa

@@ -2,7 +2,9 @@
 VGG and a timm ViT, sparsified at density 0.05, then forward, backward and three AdamW + cosine
 steps with gradient clipping, in float64, against the masked twin (the same weights as a dense
 matrix times a mask) and, before training, against ``densify``. Every converted layer must run
-a torch_nerva kernel: the ``torch_nerva::sparse_linear`` calls are counted per layer."""
+a torch_nerva kernel: the ``torch_nerva::sparse_linear`` and ``sparse_conv2d`` calls are
+counted per layer (``sparsify`` converts the convolutions too: ConvNeXt's depthwise 7x7, MobileNet's
+depthwise and pointwise, VGG's 3x3, the patch embeddings)."""
 import warnings
 
 import pytest
@@ -16,14 +18,15 @@ torchvision = pytest.importorskip("torchvision")
 
 
 class _KernelCalls(TorchDispatchMode):
-    """The ``values`` storages of every torch_nerva::sparse_linear call."""
+    """The ``values`` storages of every torch_nerva::sparse_linear / sparse_conv2d call."""
 
     def __init__(self):
         super().__init__()
         self.values = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.torch_nerva.sparse_linear.default:
+        if func in (torch.ops.torch_nerva.sparse_linear.default,
+                    torch.ops.torch_nerva.sparse_conv2d.default):
             self.values.append(args[1].untyped_storage().data_ptr())
         return func(*args, **(kwargs or {}))
 
@@ -78,12 +81,16 @@ def test_real_model_trains_like_its_masked_twin(name):
     torch.manual_seed(0)
     model = MODELS[name]().double()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", tn.DenseWeightsWarning)  # convolutions stay dense
+        warnings.simplefilter("ignore", tn.DenseWeightsWarning)  # e.g. embeddings stay dense
         sparse = tn.sparsify(model, 0.05, generator=torch.Generator().manual_seed(0),
                              backend="native")
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     del model
-    layers = {id(m): n for n, m in sparse.named_modules() if isinstance(m, tn.SparseLinear)}
+    layers = {id(m): n for n, m in sparse.named_modules()
+              if isinstance(m, (tn.SparseLinear, tn.SparseConv2d))}
     assert layers, "nothing was converted"
+    assert sum(isinstance(m, tn.SparseConv2d) for m in sparse.modules()) == convs
+    assert not any(type(m) is nn.Conv2d for m in sparse.modules())
     if name in ("vit_b_16",):
         assert any(isinstance(m, tn.SparseMultiheadAttention) for m in sparse.modules())
     masked = tn.to_masked(sparse)
@@ -114,4 +121,4 @@ def test_real_model_trains_like_its_masked_twin(name):
         torch.testing.assert_close(sparse(x), masked(x), rtol=1e-8, atol=1e-10)
     # the sparse weights were decayed and trained (AdamW moved them)
     assert all(m.values.grad is not None for m in sparse.modules()
-               if isinstance(m, tn.SparseLinear))
+               if isinstance(m, (tn.SparseLinear, tn.SparseConv2d)))

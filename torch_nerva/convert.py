@@ -138,9 +138,9 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
              filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, inplace: bool = False,
              backend: str = "auto", generator: Optional[torch.Generator] = None,
              init: str = "xavier", index_dtype=None,
-             device: Optional[torch.device] = None, conv: bool = False) -> nn.Module:
-    """Replace the ``nn.Linear`` layers of ``model`` by :class:`SparseLinear` (and, with
-    ``conv=True``, its ``nn.Conv2d`` layers by :class:`SparseConv2d`).
+             device: Optional[torch.device] = None, conv: bool = True) -> nn.Module:
+    """Replace the ``nn.Linear`` layers of ``model`` by :class:`SparseLinear` and its
+    ``nn.Conv2d`` layers by :class:`SparseConv2d` (``conv=False``: the linear layers only).
 
     Per-layer densities follow ``distribution`` ("uniform", "er" or "erk"; see
     :mod:`torch_nerva.init`) so that the converted layers hold exactly
@@ -161,12 +161,13 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "er",
     from scratch). ``init="magnitude"`` keeps each layer's largest-magnitude existing weights
     and its bias instead (pruning a trained model).
 
-    ``conv=True`` also converts every ``nn.Conv2d`` (exactly that class) that ``filter_fn``
-    accepts, in the same density distribution (ERK counts its kernel dimensions). The first
-    convolution (3 input channels, a tiny share of the weights) and the classifier are commonly
-    kept dense in the literature: ``filter_fn=lambda name, m: not (isinstance(m, nn.Conv2d) and
-    m.in_channels == 3) and name != "fc"`` (torchvision ResNets). Off by default, so that a
-    model's convolutions change only when asked.
+    Every ``nn.Conv2d`` (exactly that class: ``Conv1d``/``Conv3d``/transposed convolutions stay
+    dense and are named in the warning) that ``filter_fn`` accepts is converted too, in the same
+    density distribution (ERK counts its kernel dimensions). The first convolution (3 input
+    channels, a tiny share of the weights) and the classifier are commonly kept dense in the
+    literature: ``filter_fn=lambda name, m: not (isinstance(m, nn.Conv2d) and m.in_channels ==
+    3) and name != "fc"`` (torchvision ResNets). ``conv=False`` leaves every convolution dense
+    (the behaviour of earlier versions).
 
     ``device`` places the new layers (default: each replaced layer's device). With it, a model
     built on the ``meta`` device is a shape template whose dense weights are never allocated:
