@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 import torch_nerva as tn
 
@@ -317,18 +318,18 @@ def test_strided_convolutions_through_phase_planes_match_nn_conv2d(case):
     sparse = tn.SparseConv2d.from_dense(conv, backend="native")
     for h, w in ((11, 9), (12, 16), (7, 8)):
         x = torch.randn(2, 6, h, w, dtype=F64, requires_grad=True)
-        y, ref = sparse._strided(x, conv.padding, sparse.bias), conv(x)
+        y, ref = sparse._strided(x, conv.padding, sparse.values.view(-1), sparse.bias), conv(x)
         torch.testing.assert_close(y, ref)
         gy = torch.randn_like(ref)
         torch.testing.assert_close(torch.autograd.grad(y, x, gy)[0],
                                    torch.autograd.grad(ref, x, gy)[0])
-        y = sparse._strided(x, conv.padding, sparse.bias)
+        y = sparse._strided(x, conv.padding, sparse.values.view(-1), sparse.bias)
         gv = torch.autograd.grad(y, sparse.values, gy)[0].view(-1)
         gw = torch.autograd.grad(conv(x), conv.weight, gy)[0].flatten()
         torch.testing.assert_close(gv, gw[sparse.layout.positions()])
     with pytest.raises(ValueError, match="smaller than the kernel"):
-        tn.SparseConv2d(6, 12, 7, stride=2, density=0.5, backend="native")._strided(
-            torch.randn(1, 6, 3, 3), (0, 0), None)
+        small = tn.SparseConv2d(6, 12, 7, stride=2, density=0.5, backend="native")
+        small._strided(torch.randn(1, 6, 3, 3), (0, 0), small.values.view(-1), None)
 
 
 def test_small_strided_float32_layer_takes_phase_planes_and_non_finite_inputs_do_not():
@@ -429,3 +430,70 @@ def test_torchvision_resnet18_trains_like_its_masked_twin():
     for a, b in zip(convs, [m for m in masked.modules() if isinstance(m, tn.MaskedConv2d)]):
         torch.testing.assert_close(a.dense_weight4d(), b.weight * b.mask)
         assert bool((b.weight[~b.mask] == 0).all())  # weight decay kept the mask
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_autocast_and_16_bit_layers_behave_as_nn_conv2d(low, stride):
+    """Under torch.autocast a native SparseConv2d does what nn.Conv2d does (operands rounded to
+    the region's dtype, output in it, float32 values get float32 gradients); a layer converted
+    to 16 bits computes with its operands widened and returns its dtype (gradients in it)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, stride=stride, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape) < 0.1)
+    sparse = tn.SparseConv2d.from_dense(conv, backend="native")
+    x = torch.randn(4, 16, 8, 8)
+    with torch.autocast("cpu", dtype=low):
+        y, ref = sparse(x), conv(x)
+    assert y.dtype == ref.dtype == low
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    y.float().square().sum().backward()
+    assert sparse.values.grad.dtype == torch.float32
+    # the same math in float64 on the rounded operands: only the output's rounding differs
+    xr = x.to(low).double()
+    wr = sparse.dense_weight4d().detach().to(low).double()
+    exact = F.conv2d(xr, wr, sparse.bias.detach().to(low).double(), stride, 1)
+    torch.testing.assert_close(y.double(), exact, rtol=1e-2, atol=1e-2)
+    # a 16-bit layer
+    half = tn.SparseConv2d.from_dense(conv, backend="native").to(low)
+    xh = x.to(low).requires_grad_()
+    yh = half(xh)
+    assert yh.dtype == low
+    torch.testing.assert_close(yh.double(), F.conv2d(xh.detach().double(), half.dense_weight4d()
+                                                     .detach().double(), half.bias.detach()
+                                                     .double(), stride, 1), rtol=1e-2, atol=1e-2)
+    yh.float().sum().backward()
+    assert xh.grad.dtype == low and half.values.grad.dtype == low
+
+
+def test_off_the_cpu_auto_computes_densely_and_native_refuses():
+    """The sparse conv kernels are CPU-only: on another device (here ``meta``, standing in for
+    CUDA) ``auto`` resolves to dense and gives nn.Conv2d's output shape; ``native`` raises."""
+    layer = tn.SparseConv2d(8, 16, 3, stride=2, padding=1, density=0.02).to("meta")
+    assert layer.resolved_backend == "dense"
+    assert layer(torch.randn(2, 8, 9, 9, device="meta")).shape == (2, 16, 5, 5)
+    native = tn.SparseConv2d(8, 16, 3, density=0.02, backend="native").to("meta")
+    with pytest.raises(RuntimeError, match="runs on the CPU only"):
+        native(torch.randn(2, 8, 9, 9, device="meta"))
+
+
+def test_torch_func_per_sample_gradients_of_a_native_layer():
+    """torch.func on a native SparseConv2d (computed in its dense form under the transforms):
+    vmap(grad) per-sample gradients equal one backward per sample, and jvp works."""
+    torch.manual_seed(0)
+    layer = tn.SparseConv2d(6, 8, 3, padding=1, groups=2, density=0.05, backend="native",
+                            dtype=F64)
+    x = torch.randn(3, 6, 5, 5, dtype=F64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p, xi):
+        return torch.func.functional_call(layer, p, (xi.unsqueeze(0),)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(3):
+        g = torch.autograd.grad(layer(x[i:i + 1]).square().sum(), layer.values)[0]
+        torch.testing.assert_close(per_sample["values"][i], g)
+    t = torch.randn_like(x)
+    _, jv = torch.func.jvp(lambda xx: layer(xx), (x,), (t,))
+    torch.testing.assert_close(jv, layer(t) - layer(torch.zeros_like(t)))

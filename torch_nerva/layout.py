@@ -190,7 +190,9 @@ class CSRLayout:
 
     def row_indices(self) -> Tensor:
         counts = (self.crow[1:] - self.crow[:-1]).to(torch.long)
-        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), counts)
+        # output_size: no device synchronisation to size the result (and meta tensors work)
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), counts,
+                                       output_size=self.col.numel())
 
     def positions(self) -> Tensor:
         """Flat row-major positions ``row * n_cols + col`` (int64), sorted."""

@@ -231,19 +231,42 @@ class SparseConv2d(_ConvBase, SparseWeightModule):
                              f"{self.in_channels}")
         x, pads = self._padded(input)
         bias = self.bias
-        if self.backend == "dense" or (self.backend == "auto" and self._prefer_dense):
+        if self.backend == "dense" or (self.backend == "auto" and (
+                self._prefer_dense or x.device.type != "cpu")) \
+                or torch._C._are_functorch_transforms_active():
+            # auto off the CPU: the sparse conv kernels are CPU-only, so dense (e.g. cuDNN).
+            # Under torch.func transforms (grad, vmap, jvp, ...): the op's autograd has no
+            # functorch rules, so the dense form of the same function, which composes with all
             return F.conv2d(x, self.dense_weight4d(), bias, self.stride, pads, self.dilation,
                             self.groups)
+        if x.device.type != "cpu":
+            raise RuntimeError(f"{type(self).__name__}: backend 'native' runs on the CPU only "
+                               f"(input on {x.device}); use backend='auto' or 'dense' there")
         from .. import ops
         d = self.__dict__
+        values = self.values.view(-1)
+        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            # as nn.Conv2d under autocast: operands rounded to the region's dtype, output in it
+            low = torch.get_autocast_dtype(x.device.type)
+            x, values = x.to(low), values.to(low)
+            bias = None if bias is None else bias.to(low)
+        out_dtype = None
+        if x.dtype in (torch.bfloat16, torch.float16):
+            # the conv kernels compute in float32 / float64: 16-bit operands are widened (exact)
+            # and the result rounded once to their dtype; gradients come back in their dtypes
+            out_dtype = x.dtype
+            x, values = x.float(), values.float()
+            bias = None if bias is None else bias.float()
         if self._phase_planes_pay(x, pads) and math.isfinite(x.detach().sum().item()):
             # (a non-finite input takes the direct op, whose NaN/Inf rule is that of dense
             # math for this layer's own taps)
-            return self._strided(x, pads, bias)
-        return ops.sparse_conv2d(x, self.values.view(-1), bias, d["crow_indices"],
-                                 d["col_indices"], d["crow_indices_t"], d["col_indices_t"],
-                                 d["perm_t"], self.kernel_size, self.stride, pads,
-                                 self.dilation, self.groups)
+            y = self._strided(x, pads, values, bias)
+        else:
+            y = ops.sparse_conv2d(x, values, bias, d["crow_indices"], d["col_indices"],
+                                  d["crow_indices_t"], d["col_indices_t"], d["perm_t"],
+                                  self.kernel_size, self.stride, pads, self.dilation,
+                                  self.groups)
+        return y if out_dtype is None else y.to(out_dtype)
 
     # -- strided convolutions as stride-1 ones (space-to-depth) ---------------------------------
     # A stride-s convolution reads input row s*oy + ky; with ky = s*qy + ry that is row oy + qy
@@ -292,7 +315,7 @@ class SparseConv2d(_ConvBase, SparseWeightModule):
         (sh, sw), (ph, pw) = self.stride, pads
         return -(-(x.shape[2] + 2 * ph) // sh) * -(-(x.shape[3] + 2 * pw) // sw) <= 64
 
-    def _strided(self, x: Tensor, pads, bias) -> Tensor:
+    def _strided(self, x: Tensor, pads, values: Tensor, bias) -> Tensor:
         from .. import ops
         (kh2, kw2), (qh, qw), crow, col2, crow_t, col_t, perm, order = self._s2d_plan()
         (sh, sw), (kh, kw) = self.stride, self.kernel_size
@@ -309,14 +332,17 @@ class SparseConv2d(_ConvBase, SparseWeightModule):
         else:  # pixel_unshuffle takes one factor: the same reshape, by hand
             phases = xp.reshape(n, c, hp // sh, sh, wp // sw, sw).permute(0, 1, 3, 5, 2, 4) \
                 .reshape(n, c * sh * sw, hp // sh, wp // sw)
-        y = ops.sparse_conv2d(phases, self.values.view(-1)[order], bias, crow, col2, crow_t,
+        y = ops.sparse_conv2d(phases, values[order], bias, crow, col2, crow_t,
                               col_t, perm, (kh2, kw2), (1, 1), (qh, qw), (1, 1), self.groups)
         return y if y.shape[-2:] == (ho, wo) else y[..., :ho, :wo]
 
     @property
     def resolved_backend(self) -> str:
-        return "dense" if (self.backend == "dense" or
-                           (self.backend == "auto" and self._prefer_dense)) else "native"
+        """What the layer computes with on its current device: ``auto`` is ``dense`` for a
+        dense-enough layer and off the CPU (the sparse conv kernels are CPU-only)."""
+        off_cpu = self.values.device.type != "cpu"
+        return "dense" if (self.backend == "dense" or (
+            self.backend == "auto" and (self._prefer_dense or off_cpu))) else "native"
 
     def _update_positions(self) -> None:  # the dense path scatters through layout.positions()
         self.dense_positions = torch.empty(0, dtype=torch.long, device=self.crow_indices.device)
