@@ -703,6 +703,7 @@ def compact(model: nn.Module, *, inplace: bool = False) -> Tuple[nn.Module, Comp
                     continue
                 new = _rebuild(node)
                 setattr(parent, attr, new)
+                in_chain.add(id(new))
                 report.layers.append({
                     "name": lname, "type": type(m).__name__,
                     "shape_before": (node.n_out, node.n_in),
