@@ -486,3 +486,85 @@ def test_fssl_finetune_removes_neurons_and_stops_at_the_target():
     opt2 = torch.optim.SGD(model.parameters(), lr=0.1)
     assert S.fssl_finetune(model, loader, nn.functional.cross_entropy, opt2, lam=0.0,
                            max_steps=3, epochs=5)["steps"] == 3
+
+
+# -- the comparison experiment -----------------------------------------------------------------
+TINY = """
+title = "fssl-tiny"
+[[experiment]]
+kind = "fssl"
+name = "mlp"
+dataset = "synthetic-digits"
+hidden = [48, 24]
+density = 0.3
+pretrain_epochs = 1
+lambdas = [0.0, 0.1]
+finetune_steps = 40
+threads = 1
+warmup = 5
+prune_every = 5
+inference_calls = 3
+
+[[experiment]]
+kind = "fssl"
+name = "gc"
+network = "graphchallenge"
+gc_neurons = 64
+gc_layers = 2
+threads = 1
+pretrain_steps = 3
+lr = 0.01
+lambdas = [1e-2]
+finetune_steps = 10
+inference_calls = 3
+"""
+
+
+def test_tiny_fssl_config_runs(tmp_path):
+    from torch_nerva.compare import config as config_mod, run_config
+    import tomllib
+    cfg = config_mod.parse(tomllib.loads(TINY), "tiny")
+    docs = run_config(cfg, tmp_path, plots=False, log=lambda s: None)
+    rows = docs[0]["rows"]
+    assert [r["lambda"] for r in rows] == [0.0, 0.1]
+    for r in rows:
+        # the compacted network computes what the fine-tuned one does
+        assert r["acc_fssl"] == r["acc_fssl_uncompacted"]
+        assert r["nnz_magnitude"] == r["nnz_fssl"] <= r["nnz_finetuned"] <= r["nnz_start"]
+        assert r["infer_batch_fssl_us"] > 0 and r["infer_b1_magnitude_us"] > 0
+        assert sum(r["hidden_fssl"]) == sum(r["hidden_start"]) - r["neurons_removed"]
+    assert rows[0]["finetune_steps"] == 40  # lambda 0: no target reached
+    assert rows[1]["nnz_fssl"] < rows[0]["nnz_fssl"] and rows[1]["neurons_removed"] > 0
+    gc = docs[1]["rows"][0]
+    assert gc["network"] == "graphchallenge" and gc["hidden_start"] == [64, 64]
+    assert (tmp_path / "mlp.csv").is_file() and (tmp_path / "gc.json").is_file()
+
+
+@pytest.mark.parametrize("body, message", [
+    ('network = "cnn"', "network must be one of"),
+    ("lambdas = []", "lambdas must be a non-empty list"),
+    ('groups = ["neurons"]', "unknown group kind"),
+    ('network = "graphchallenge"\ngc_neurons = 1000', "gc_neurons must be"),
+    ("target_nnz_fraction = 1.5", "target_nnz_fraction"),
+])
+def test_bad_fssl_configs_are_refused(body, message):
+    from torch_nerva.compare import config as config_mod
+    import tomllib
+    doc = tomllib.loads(f'[[experiment]]\nkind = "fssl"\n{body}\n')
+    with pytest.raises(config_mod.ConfigError, match=message):
+        config_mod.parse(doc, "bad")
+
+
+def test_magnitude_baseline_keeps_the_largest_weights_per_layer():
+    from torch_nerva.compare.fssl import magnitude_prune_like
+    gen = torch.Generator().manual_seed(0)
+    start = nn.Sequential(sparse_linear(10, 8, gen), nn.ReLU(), sparse_linear(8, 4, gen))
+    ref = nn.Sequential(sparse_linear(10, 3, gen, density=0.2), nn.ReLU(),
+                        sparse_linear(3, 4, gen, density=0.5))
+    pruned = magnitude_prune_like(start, ref)
+    for p, s, r in zip(pruned[0::2], start[0::2], ref[0::2]):
+        assert p.nnz == r.nnz
+        w, ws = p.dense_weight().detach().abs(), s.dense_weight().detach().abs()
+        kept = ws[w > 0]
+        assert torch.equal(w[w > 0], kept)
+        assert kept.min() >= ws[(w == 0) & (ws > 0)].max()
