@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -601,13 +602,18 @@ def _rebuild(node: _Node) -> nn.Module:
     flat[positions] = node.vals
     if isinstance(m, (MaskedLinear, nn.Linear)):
         kw = dict(bias=bias is not None, device=device, dtype=dtype)
-        new = MaskedLinear(n_in, n_out, nnz=0, backend=m.backend, **kw) \
-            if isinstance(m, MaskedLinear) else nn.Linear(n_in, n_out, **kw)
+        with warnings.catch_warnings():  # nn.Linear(0, n) warns that its init is a no-op
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            new = MaskedLinear(n_in, n_out, nnz=0, backend=m.backend, **kw) \
+                if isinstance(m, MaskedLinear) else nn.Linear(n_in, n_out, **kw)
     else:
         args = conv_args(m)
         args.update(in_channels=n_in, out_channels=n_out, bias=bias is not None)
-        new = MaskedConv2d(**args, nnz=0, backend=m.backend, device=device, dtype=dtype) \
-            if isinstance(m, MaskedConv2d) else nn.Conv2d(**args, device=device, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            new = MaskedConv2d(**args, nnz=0, backend=m.backend, device=device, dtype=dtype) \
+                if isinstance(m, MaskedConv2d) else nn.Conv2d(**args, device=device,
+                                                              dtype=dtype)
     with torch.no_grad():
         w = new._weight() if isinstance(new, (MaskedLinear, MaskedConv2d)) else new.weight
         w.copy_(flat.view(w.shape))
