@@ -7,9 +7,8 @@ from torch import nn
 
 import torch_nerva as tn
 from torch_nerva import structured as S
-from torch_nerva.nn._sparse import SparseWeightModule
 
-from reference import assert_twins_train_alike, random_layout
+from reference import random_layout
 from test_dst import _MaxAlloc
 
 F64 = torch.float64
@@ -495,6 +494,7 @@ title = "fssl-tiny"
 kind = "fssl"
 name = "mlp"
 dataset = "synthetic-digits"
+upsample = 8
 hidden = [48, 24]
 density = 0.3
 pretrain_epochs = 1
@@ -534,6 +534,7 @@ def test_tiny_fssl_config_runs(tmp_path):
         assert r["infer_batch_fssl_us"] > 0 and r["infer_b1_magnitude_us"] > 0
         assert sum(r["hidden_fssl"]) == sum(r["hidden_start"]) - r["neurons_removed"]
     assert rows[0]["finetune_steps"] == 40  # lambda 0: no target reached
+    assert rows[0]["dataset"] == "synthetic-digits upsampled to 3x8x8"
     assert rows[1]["nnz_fssl"] < rows[0]["nnz_fssl"] and rows[1]["neurons_removed"] > 0
     gc = docs[1]["rows"][0]
     assert gc["network"] == "graphchallenge" and gc["hidden_start"] == [64, 64]
@@ -546,6 +547,7 @@ def test_tiny_fssl_config_runs(tmp_path):
     ('groups = ["neurons"]', "unknown group kind"),
     ('network = "graphchallenge"\ngc_neurons = 1000', "gc_neurons must be"),
     ("target_nnz_fraction = 1.5", "target_nnz_fraction"),
+    ('dataset = "synthetic-cifar10"\nupsample = 32', "upsample needs dataset digits"),
 ])
 def test_bad_fssl_configs_are_refused(body, message):
     from torch_nerva.compare import config as config_mod

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dst import _remap_state
@@ -142,6 +141,8 @@ def _group_index(layer: SparseWeightModule, kind: str) -> Tuple[Tensor, int]:
         if groups > 1:
             c = (rows // (out // groups)) * ipg + c
         index, n = c, ipg * groups
+    if n <= 2**31 - 1:  # kept as long as the topology: int32 halves it
+        index = index.to(torch.int32)
     cache[kind] = (crow, col, index, n)
     return index, n
 
@@ -156,7 +157,7 @@ def _group_sizes(layer: nn.Module, kind: str, weights: str, index: Optional[Tens
         size = ipg * taps if kind == "rows" else (out // groups) * taps
         return like.new_full((n,), math.sqrt(size))
     if index is not None:  # sparse: stored connections per group
-        counts = torch.bincount(index, minlength=n)
+        counts = torch.bincount(index.long(), minlength=n)
     else:
         counts = _masked_group_sums(layer, kind, layer.mask.to(like.dtype))
     return counts.to(like.dtype).sqrt()
@@ -198,7 +199,10 @@ def group_norms(layer: nn.Module, kind: str) -> Tensor:
         return _group_sq(layer, kind)[0].sqrt()
 
 
-def group_lasso(model: nn.Module, *, groups: Union[Sequence[str], Mapping[str, float]] = GROUP_KINDS,
+Groups = Union[Sequence[str], Mapping[str, float]]
+
+
+def group_lasso(model: nn.Module, *, groups: Groups = GROUP_KINDS,
                 weights: Optional[str] = None) -> Tensor:
     r"""The group-lasso penalty :math:`\sum_\text{kind} \text{coef} \sum_g \sqrt{|g|}\,
     \|w_g\|_2` over every sparse / masked layer of ``model`` (a 0-dim tensor, differentiable
@@ -301,7 +305,8 @@ def prune_zeros_(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = 
                 shape = layer.matrix_shape
                 rows, _ = _group_index(layer, "rows")
                 crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=v.device)
-                crow[1:] = torch.cumsum(torch.bincount(rows[kept_idx], minlength=shape[0]), 0)
+                crow[1:] = torch.cumsum(torch.bincount(rows[kept_idx].long(),
+                                                       minlength=shape[0]), 0)
                 idx = layer.col_indices.dtype
                 layout = CSRLayout(crow.to(idx).cpu(), layer.col_indices[kept_idx].cpu(), shape)
                 grad = layer.values.grad
@@ -385,8 +390,8 @@ class _Node:
                 rows = module.layout.row_indices().to(v.device)
                 cols = module.col_indices.long().to(v.device)
             else:
-                w = module._weight() * module.mask if isinstance(module, (MaskedLinear, MaskedConv2d)) \
-                    else module.weight
+                masked = isinstance(module, (MaskedLinear, MaskedConv2d))
+                w = module._weight() * module.mask if masked else module.weight
                 w = w.detach().reshape(self.n_out, -1)
                 rows, cols = w.nonzero(as_tuple=True)
                 v = w[rows, cols]
@@ -485,7 +490,8 @@ def _segments(leaves, shared: set, report: CompactReport):
             continue
         else:
             if isinstance(m, _BATCHNORM):
-                why = "BatchNorm in training mode (compact is exact in eval mode: call model.eval())"
+                why = ("BatchNorm in training mode (compact is exact in eval mode: call "
+                       "model.eval())")
             elif isinstance(m, nn.Module) and not list(m.parameters()) and not isinstance(
                     m, nn.Flatten):
                 why = "not an elementwise module known to compact"

@@ -14,8 +14,9 @@ process).
 Networks (``network``):
 
 - ``mlp``: a ReLU MLP ``[in, *hidden, classes]`` on ``dataset`` (the digits MLP: ``digits``
-  with hidden [1024, 512]; the paper MLP: ``synthetic-cifar10`` or ``cifar10`` with hidden
-  [1024, 512], 3072-1024-512-10), ER-sparsified at ``density``.
+  with hidden [1024, 512]; the paper MLP 3072-1024-512-10: ``cifar10``, or offline ``digits``
+  with ``upsample = 32``, the digits as 3 x 32 x 32 images: a real task of the paper's shape),
+  ER-sparsified at ``density``.
 - ``graphchallenge``: ``gc_layers`` RadiX-Net layers of ``gc_neurons`` neurons from
   :func:`torch_nerva.graphchallenge.generate_layer` (32 nonzeros per row, all 1/16, bias
   ``gc_bias``) with the challenge's activation min(max(x, 0), 32) (``nn.Hardtanh(0, 32)``) and a
@@ -32,7 +33,7 @@ import copy
 import math
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,8 @@ DEFAULTS: Dict[str, Any] = {
     "dataset": "digits",
     "network": "mlp",
     "hidden": [1024, 512],         # mlp: hidden widths
+    "upsample": 0,                 # mlp on digits: > 0 = images upsampled to this side, RGB
+                                   # (32: the paper MLP's 3072 inputs with a real task offline)
     "density": 0.1,                # mlp: ER density of the starting network
     "gc_neurons": 1024,            # graphchallenge: neurons per layer
     "gc_layers": 24,               # graphchallenge: RadiX-Net layers
@@ -64,6 +67,7 @@ DEFAULTS: Dict[str, Any] = {
     "warmup": 50,                  # steps of linear lambda warm-up
     "target_nnz_fraction": 0.1,    # stop when the stored nnz falls to this fraction
     "prune_every": 10,             # steps between prune_zeros_ calls
+    "recover_steps": 0,            # then plain fine-tuning (no penalty, topology fixed)
     "batch_inference": 100,        # the batch of the "batch" inference time
     "inference_calls": 50,         # timed calls per model and batch size
 }
@@ -83,10 +87,13 @@ def validate(exp: Dict[str, Any], where: str, fail: Callable[[str, str], None]) 
         v = exp[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             fail(where, f"{key} must be a positive integer, got {v!r}")
-    for key in ("pretrain_epochs", "pretrain_steps", "warmup"):
+    for key in ("pretrain_epochs", "pretrain_steps", "warmup", "recover_steps", "upsample"):
         v = exp[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             fail(where, f"{key} must be a non-negative integer, got {v!r}")
+    if exp["upsample"] and not exp["dataset"].endswith("digits"):
+        fail(where, f"upsample needs dataset digits (or synthetic-digits), got "
+                    f"{exp['dataset']!r}")
     if exp["gc_values"] not in ("he", "challenge"):
         fail(where, f"gc_values must be 'he' or 'challenge', got {exp['gc_values']!r}")
     if exp["network"] == "graphchallenge":
@@ -133,6 +140,14 @@ def _gc_images(x: Tensor, neurons: int, seed: int) -> Tensor:
     out = torch.stack([torch.roll(binary[i], (int(dy[i]), int(dx[i])), dims=(0, 1))
                        for i in range(x.shape[0])])
     return out.view(-1, neurons)
+
+
+def upsample_digits(x: Tensor, side: int) -> Tensor:
+    """Standardised digits features (N, 64) as RGB images of ``side`` x ``side`` (bilinear,
+    the three channels equal), flattened: (N, 3 side^2)."""
+    big = F.interpolate(x.reshape(-1, 1, 8, 8), size=(side, side), mode="bilinear",
+                        align_corners=False)
+    return big.expand(-1, 3, side, side).reshape(x.shape[0], 3 * side * side).contiguous()
 
 
 def graphchallenge_data(neurons: int, seed: int = 0):
@@ -204,6 +219,18 @@ def _batches(x: Tensor, y: Tensor, batch: int, gen: torch.Generator, epochs: Opt
             xb = x[b] if prepare is None else prepare(x[b])
             yield xb, y[b]
         epoch += 1
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, batches, steps: int) -> None:
+    """``steps`` plain training steps (cross-entropy) on ``batches``."""
+    model.train()
+    for step, (x, y) in enumerate(batches):
+        if step >= steps:
+            break
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
 
 def magnitude_prune_like(start: nn.Module, reference: nn.Module) -> nn.Module:
@@ -283,9 +310,15 @@ def run_fssl(exp: Dict[str, Any], data, log: Callable[[str], None]) -> List[Dict
     else:
         xtr, ytr = data.x_train, data.y_train
         xte, yte = data.test_inputs(), data.y_test
-        sizes = [data.in_features, *exp["hidden"], data.num_classes]
+        n_in = data.in_features
+        if exp["upsample"]:
+            xtr = upsample_digits(data.prepare(xtr), exp["upsample"])
+            xte = upsample_digits(xte, exp["upsample"])
+            prepare, n_in = None, xtr.shape[1]
+        sizes = [n_in, *exp["hidden"], data.num_classes]
         model = build_csr(sizes, exp["density"], seed, exp["distribution"], exp["dtype"])
-        dataset = data.name
+        dataset = data.name + (f" upsampled to 3x{exp['upsample']}x{exp['upsample']}"
+                               if exp["upsample"] else "")
         synthetic = data.synthetic
     lr = exp["lr"]
     ft_lr = exp["finetune_lr"] or lr
@@ -329,6 +362,8 @@ def run_fssl(exp: Dict[str, Any], data, log: Callable[[str], None]) -> List[Dict
             opt, lam=float(lam), warmup=exp["warmup"],
             target_nnz_fraction=exp["target_nnz_fraction"], max_steps=exp["finetune_steps"],
             groups=groups, weights=weights, prune_every=exp["prune_every"])
+        _train(fine, opt, _batches(xtr, ytr, exp["batch_size"], gen, None, prepare),
+               exp["recover_steps"])
         fine.eval()
         small, report = structured.compact(fine)
         small.eval()
@@ -338,15 +373,8 @@ def run_fssl(exp: Dict[str, Any], data, log: Callable[[str], None]) -> List[Dict
         # the baseline: magnitude pruning to the same nnz per layer, fine-tuned as many steps
         mag = magnitude_prune_like(model, small).train()
         opt = optimizer(mag, ft_lr)
-        n = 0
-        for x, y in _batches(xtr, ytr, exp["batch_size"], gen, None, prepare):
-            if n >= result["steps"]:
-                break
-            loss = F.cross_entropy(mag(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n += 1
+        _train(mag, opt, _batches(xtr, ytr, exp["batch_size"], gen, None, prepare),
+               result["steps"] + exp["recover_steps"])
         mag.eval()
         acc_mag = accuracy(mag, xte, yte)
         models = [model, small, mag]
@@ -356,6 +384,7 @@ def run_fssl(exp: Dict[str, Any], data, log: Callable[[str], None]) -> List[Dict
         row = {
             "network": exp["network"], "dataset": dataset, "synthetic": synthetic,
             "lambda": float(lam), "finetune_steps": result["steps"],
+            "recover_steps": exp["recover_steps"],
             "reached_target": result["reached_target"], "fssl_seconds": fssl_s,
             "acc_start": acc_start, "acc_fssl": acc_fssl, "acc_fssl_uncompacted": acc_check,
             "acc_magnitude": acc_mag,
@@ -400,15 +429,17 @@ def format_fssl(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) 
                       f"{r['infer_batch_magnitude_us']:.0f}",
                       f"{r['infer_b1_start_us']:.0f}/{r['infer_b1_fssl_us']:.0f}/"
                       f"{r['infer_b1_magnitude_us']:.0f}",
-                      f"{r['speedup_batch_vs_magnitude']:.2f}x/{r['speedup_b1_vs_magnitude']:.2f}x"])
+                      f"{r['speedup_batch_vs_magnitude']:.2f}x/"
+                      f"{r['speedup_b1_vs_magnitude']:.2f}x"])
     text = [_table(header, lines),
             f"{rows[0]['network'] if rows else exp['network']} on "
             f"{rows[0]['dataset'] if rows else exp['dataset']}; FSSL: prox group lasso "
             f"({', '.join(exp['groups'])}), warm-up {exp['warmup']} steps, stop at "
-            f"{exp['target_nnz_fraction']:g} of the nnz or {exp['finetune_steps']} steps, then "
-            f"compact; magn.: magnitude pruning of the start to the compacted nnz per layer, "
-            f"fine-tuned as many steps; times: median of {exp['inference_calls']} calls "
-            f"(eval, no_grad)"]
+            f"{exp['target_nnz_fraction']:g} of the nnz or {exp['finetune_steps']} steps"
+            + (f", {exp['recover_steps']} steps without penalty" if exp["recover_steps"] else "")
+            + ", then compact; magn.: magnitude pruning of the start to the compacted nnz per "
+            f"layer, fine-tuned as many steps in all; times: median of "
+            f"{exp['inference_calls']} calls (eval, no_grad)"]
     if rows and rows[0]["synthetic"]:
         text.append("accuracy on SYNTHETIC data: not meaningful (timing only)")
     if note:
