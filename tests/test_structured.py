@@ -220,7 +220,7 @@ def test_prune_zeros_remaps_optimizer_state_and_twins_stay_identical(opt_name, k
     for l in layers:
         st = opts[0].state[l.values]
         keep = (l.values.detach().view(-1) != 0)
-        old.append((keep, {k: (v.clone() if v.dim() else v.clone()) for k, v in st.items()},
+        old.append((keep, {k: v.clone() for k, v in st.items()},
                     l.values.grad.clone(), l.values.detach().clone(), l.layout.positions()))
     assert any(int((~k).sum()) for k, *_ in old)
     out_before = model(x)
@@ -339,8 +339,6 @@ def test_compact_nested_sequentials_dense_linear_and_chain_of_dead_neurons():
     small, report = _check_equivalent(model, x)
     assert isinstance(small[2], nn.Linear) and small[2].in_features < 9
     # a neuron whose only consumers died is itself removed (the fixpoint)
-    w = torch.zeros(4, 6, dtype=F64)
-    w[0, 0] = 1.0
     first = tn.SparseLinear.from_dense(nn.Linear(6, 4, dtype=F64))
     second_mask = torch.zeros(3, 4, dtype=torch.bool)
     second_mask[:, 0] = True  # only neuron 0 of the first hidden layer is read
@@ -570,3 +568,23 @@ def test_magnitude_baseline_keeps_the_largest_weights_per_layer():
         kept = ws[w > 0]
         assert torch.equal(w[w > 0], kept)
         assert kept.min() >= ws[(w == 0) & (ws > 0)].max()
+
+
+def test_compact_a_torchvision_mlp_trained_with_fssl():
+    """torchvision.ops.MLP (Linear, BatchNorm1d, ReLU, Dropout), sparsified, trained a little
+    with FSSL so that neurons die, compacts to the same function in eval mode."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    mlp = torchvision.ops.MLP(12, [40, 32, 5], norm_layer=nn.BatchNorm1d, dropout=0.1)
+    model = tn.sparsify(mlp, 0.3, generator=torch.Generator().manual_seed(0)).double()
+    x = torch.randn(64, 12, dtype=F64)
+    y = x[:, :5].argmax(dim=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    S.fssl_finetune(model, [(x, y)] * 60, nn.functional.cross_entropy, opt, lam=0.05,
+                    prune_every=5)
+    small, report = _check_equivalent(model, x)
+    assert isinstance(small, torchvision.ops.MLP) and not report.left_alone, str(report)
+    bns = [m for m in small.modules() if isinstance(m, nn.BatchNorm1d)]
+    lin = [m for m in small.modules() if isinstance(m, tn.SparseLinear)]
+    assert [b.num_features for b in bns] == [l.out_features for l in lin[:-1]]
+    assert sum(l.out_features for l in lin[:-1]) < 72
