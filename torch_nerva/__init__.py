@@ -34,6 +34,7 @@ from .nn.attention import SparseMultiheadAttention  # noqa: E402
 from .nn.chain import fuse_for_inference  # noqa: E402
 from .init import layer_densities  # noqa: E402
 from . import interchange  # noqa: E402
+from . import structured  # noqa: E402
 from .interchange import load_state_dict, summary  # noqa: E402
 
 __version__ = "0.1.0"
@@ -55,6 +56,7 @@ __all__ = [
     "layer_densities",
     "backends",
     "interchange",
+    "structured",
     "summary",
     "load_state_dict",
 ]

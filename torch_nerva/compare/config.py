@@ -12,6 +12,8 @@ tables, each with a ``kind``:
 - ``depth``: time per epoch for 1..N hidden layers of one width at one density.
 - ``width``: time per epoch and memory for a fixed number of hidden layers of growing width; the
   masked twin is skipped, with the memory it would need, when that exceeds the budget.
+- ``fssl``: fine-tuned structured sparsity per lambda (accuracy, nnz and neurons removed,
+  inference time against magnitude pruning to the same nnz); see :mod:`.fssl`.
 
 Every key and its default is in :data:`DEFAULTS`; unknown keys are errors (a typo must not be
 silently ignored). ``lr`` is a number, or a table from density (as a string, ``"0.01"``) to the
@@ -30,7 +32,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-KINDS = ("density", "inference", "depth", "width")
+from . import fssl as _fssl  # the fssl kind keeps its keys and checks beside its runner
+
+KINDS = ("density", "inference", "depth", "width", "fssl")
 DATASETS = ("cifar10", "digits", "synthetic-cifar10", "synthetic-digits")
 
 _COMMON = {
@@ -107,6 +111,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "lr": 0.01,
         "memory_budget_gb": 0.0,       # 0 = 80% of the memory available at the start
     },
+    "fssl": {**_COMMON, **_fssl.DEFAULTS},  # see torch_nerva/compare/fssl.py
 }
 
 
@@ -197,6 +202,8 @@ def _validate(exp: Dict[str, Any], where: str) -> None:
         if not 0 <= exp["dst_fraction"] <= 1 or not 0 < exp["dst_end"] <= 1:
             _fail(where, "dst_fraction must be in [0, 1] and dst_end in (0, 1]")
         _check_positive_ints(where, "dst_every", exp["dst_every"])
+    if kind == "fssl":
+        _fssl.validate(exp, where, _fail)
     if "lr" in exp:
         lr = exp["lr"]
         if isinstance(lr, dict):

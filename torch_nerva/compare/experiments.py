@@ -467,3 +467,11 @@ def run_width(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) ->
 
 RUNNERS = {"density": run_density, "inference": run_inference, "depth": run_depth,
            "width": run_width}
+
+
+# the fssl kind (torch_nerva/compare/fssl.py): its runner, and its table for the report
+from .fssl import format_fssl, run_fssl  # noqa: E402
+from .report import FORMATTERS  # noqa: E402
+
+RUNNERS["fssl"] = run_fssl
+FORMATTERS.setdefault("fssl", format_fssl)
