@@ -83,7 +83,7 @@ def test_penalty_and_gradient_match_a_dense_group_norm(kind, weights):
     (grad,) = torch.autograd.grad(pen, layer.values)
 
     w = dense_weight(layer).detach().clone().requires_grad_(True)
-    mask = (dense_weight(layer) != 0) | layer.mask().view(w.shape)
+    mask = (dense_weight(layer) != 0) | layer.mask.view(w.shape)
     rows, cols, row_size, col_size = dense_groups(w, layer.groups if hasattr(layer, "groups")
                                                   else 1)
     mrows, mcols, _, _ = dense_groups(mask.to(F64), getattr(layer, "groups", 1))
@@ -240,7 +240,7 @@ def test_prune_zeros_remaps_optimizer_state_and_twins_stay_identical(opt_name, k
                 assert new[k].shape == l.values.shape
                 assert torch.equal(new[k].view(-1), v.view(-1)[keep])
     for s, m in zip(layers, (l for _, l in S.structured_layers(twin))):
-        assert torch.equal(s.mask().view(m.mask.shape), m.mask)
+        assert torch.equal(s.mask, m.mask)
     # the pruned twins keep training alike (momentum cannot revive a pruned weight)
     for _ in range(5):
         losses = []
