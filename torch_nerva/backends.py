@@ -84,9 +84,11 @@ def resolve(name: str, device: torch.device, dense: bool = False) -> str:
     if name == "auto":
         if dense:
             return "dense"
-        if device.type == "cpu":
+        if device.type in ("cpu", "meta"):  # (meta: shapes only, through the op's fake kernel)
             return "native"
         return "cusparse" if "cusparse" in available() else "torch"
+    if device.type == "meta":  # every backend's shapes are the op's fake kernel's
+        return name
     if name in ("native", "mkl") and device.type != "cpu":
         raise RuntimeError(f"backend {name!r} runs on the CPU only, got a tensor on {device}")
     if name == "cusparse" and device.type != "cuda":
