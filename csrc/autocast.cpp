@@ -28,12 +28,14 @@ template <c10::DeviceType device>
 std::tuple<at::Tensor, at::Tensor> sparse_linear_autocast(
     const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
     const at::Tensor& crow, const at::Tensor& col, const at::Tensor& crow_t,
-    const at::Tensor& col_t, const at::Tensor& perm) {
+    const at::Tensor& col_t, const at::Tensor& perm, c10::string_view backend) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
-  return sparse_linear_op().call(cached_cast(dtype, x, device), cached_cast(dtype, values, device),
-                 cached_cast(dtype, bias, device), crow, col, crow_t, col_t, perm);
+  return sparse_linear_op().call(cached_cast(dtype, x, device),
+                                 cached_cast(dtype, values, device),
+                                 cached_cast(dtype, bias, device), crow, col, crow_t, col_t, perm,
+                                 backend);
 }
 
 template <c10::DeviceType device>

@@ -13,33 +13,13 @@
 
 #include "op_handles.h"
 
+#include <string>
+
 namespace torch_nerva {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-std::tuple<at::Tensor, at::Tensor> call_forward(const at::Tensor& x, const at::Tensor& values,
-                                                const c10::optional<at::Tensor>& bias,
-                                                const at::Tensor& crow, const at::Tensor& col,
-                                                const at::Tensor& crow_t, const at::Tensor& col_t,
-                                                const at::Tensor& perm) {
-  return sparse_linear_op().call(x, values, bias, crow, col, crow_t, col_t, perm);
-}
-
-std::tuple<at::Tensor, at::Tensor> call_backward(const at::Tensor& grad, const at::Tensor& xt,
-                                                 const at::Tensor& values, const at::Tensor& crow,
-                                                 const at::Tensor& col, const at::Tensor& crow_t,
-                                                 const at::Tensor& col_t, const at::Tensor& perm,
-                                                 bool input_grad, bool values_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_nerva::sparse_linear_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, bool, bool)>();
-  return op.call(grad, xt, values, crow, col, crow_t, col_t, perm, input_grad, values_grad);
-}
 
 class SparseLinearFunction : public torch::autograd::Function<SparseLinearFunction> {
  public:
@@ -47,13 +27,15 @@ class SparseLinearFunction : public torch::autograd::Function<SparseLinearFuncti
                                const at::Tensor& values, const c10::optional<at::Tensor>& bias,
                                const at::Tensor& crow, const at::Tensor& col,
                                const at::Tensor& crow_t, const at::Tensor& col_t,
-                               const at::Tensor& perm) {
+                               const at::Tensor& perm, c10::string_view backend) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, xt] = call_forward(x, values, bias, crow, col, crow_t, col_t, perm);
+    auto [y, xt] =
+        sparse_linear_op().call(x, values, bias, crow, col, crow_t, col_t, perm, backend);
     ctx->mark_non_differentiable({xt});
     ctx->set_materialize_grads(false);
     const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
     ctx->saved_data["bias_grad"] = bias_grad;
+    ctx->saved_data["backend"] = std::string(backend);  // the backward uses the same backend
     // The transposed input is needed only for dvalues.
     ctx->save_for_backward({values.requires_grad() ? xt : at::Tensor(), values, crow, col,
                             crow_t, col_t, perm});
@@ -62,7 +44,7 @@ class SparseLinearFunction : public torch::autograd::Function<SparseLinearFuncti
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad = grads[0];
-    variable_list out(8);
+    variable_list out(9);
     if (!grad.defined()) return out;
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "torch_nerva.sparse_linear: double backward (create_graph=True) is not "
@@ -72,8 +54,10 @@ class SparseLinearFunction : public torch::autograd::Function<SparseLinearFuncti
     const bool input_grad = ctx->needs_input_grad(0);
     const bool values_grad = ctx->needs_input_grad(1);
     const at::Tensor xt = saved[0].defined() ? saved[0] : saved[1].new_empty({0, 0});
-    auto [grad_x, grad_values] = call_backward(grad, xt, saved[1], saved[2], saved[3], saved[4],
-                                               saved[5], saved[6], input_grad, values_grad);
+    const std::string backend = ctx->saved_data["backend"].toStringRef();
+    auto [grad_x, grad_values] =
+        sparse_linear_backward_op().call(grad, xt, saved[1], saved[2], saved[3], saved[4],
+                                         saved[5], saved[6], input_grad, values_grad, backend);
     if (input_grad) out[0] = grad_x;
     if (values_grad) out[1] = grad_values;
     if (ctx->saved_data["bias_grad"].toBool()) out[2] = grad.sum(0);
@@ -84,8 +68,9 @@ class SparseLinearFunction : public torch::autograd::Function<SparseLinearFuncti
 std::tuple<at::Tensor, at::Tensor> sparse_linear_autograd(
     const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
     const at::Tensor& crow, const at::Tensor& col, const at::Tensor& crow_t,
-    const at::Tensor& col_t, const at::Tensor& perm) {
-  auto out = SparseLinearFunction::apply(x, values, bias, crow, col, crow_t, col_t, perm);
+    const at::Tensor& col_t, const at::Tensor& perm, c10::string_view backend) {
+  auto out =
+      SparseLinearFunction::apply(x, values, bias, crow, col, crow_t, col_t, perm, backend);
   return {out[0], out[1]};
 }
 

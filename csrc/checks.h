@@ -60,6 +60,45 @@ inline void check_values(const char* op, const at::Tensor& values, const at::Ten
   }
 }
 
+// bias (optional): 1-D with n_out entries of x's dtype.
+inline void check_bias(const char* op, const c10::optional<at::Tensor>& bias, int64_t n_out,
+                       const at::Tensor& x) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->numel() == n_out, op, ": bias must have shape (", n_out,
+              "), got ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias has dtype ",
+              bias->scalar_type(), " but x has dtype ", x.scalar_type());
+}
+
+// A layer's layout: W's CSR (crow, col), the CSR of W^T (crow_t, col_t) and perm (values_t =
+// values[perm]), all on `device`, one index dtype, one nnz shared with values.
+inline void check_linear_layout(const char* op, const at::Device& device, const at::Tensor& values,
+                                const at::Tensor& crow, const at::Tensor& col,
+                                const at::Tensor& crow_t, const at::Tensor& col_t,
+                                const at::Tensor& perm) {
+  check_devices(op, device, {{"values", &values}, {"crow", &crow}, {"col", &col},
+                             {"crow_t", &crow_t}, {"col_t", &col_t}, {"perm", &perm}});
+  check_index_pair(op, crow, col);
+  check_index_pair(op, crow_t, col_t);
+  TORCH_CHECK(crow_t.scalar_type() == crow.scalar_type() &&
+                  perm.scalar_type() == crow.scalar_type(),
+              op, ": the layout and its transpose must share one index dtype");
+  TORCH_CHECK(col_t.numel() == col.numel() && perm.dim() == 1 && perm.numel() == col.numel() &&
+                  values.dim() == 1 && values.numel() == col.numel(),
+              op, ": inconsistent layout: nnz is ", col.numel(), " in col, ", col_t.numel(),
+              " in col_t, ", perm.numel(), " in perm and ", values.numel(), " in values");
+}
+
+// grad of sparse_linear_backward: (batch x out_features) of values' dtype.
+inline void check_linear_grad(const char* op, const at::Tensor& grad, const at::Tensor& values,
+                              const at::Tensor& crow) {
+  TORCH_CHECK(grad.dim() == 2 && grad.size(1) == crow.numel() - 1, op,
+              ": grad must be (batch x out_features = ", crow.numel() - 1, "), got ",
+              grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == values.scalar_type(), op, ": grad has dtype ",
+              grad.scalar_type(), " but values have dtype ", values.scalar_type());
+}
+
 template <typename index_t>
 inline void check_row_pointer_ends(const char* op, const index_t* crow, int64_t n_rows,
                                    int64_t nnz) {

@@ -28,16 +28,25 @@ TORCH_LIBRARY(torch_nerva, m) {
   // CSR of W^T and the permutation with values_t = values[perm]. Rows of the result are
   // sorted by column, so the transpose is itself a valid sorted CSR.
   m.def("csr_transpose(Tensor crow, Tensor col, SymInt n_cols) -> (Tensor, Tensor, Tensor)");
-  // The differentiable layer: Y = X W^T + bias. Returns (Y, Xt) where Xt is the input
-  // transposed to (in x ld), ld the batch padded to whole vectors, kept for the backward.
-  // Autograd is attached in Python (torch_nerva/ops.py) and calls sparse_linear_backward.
+  // The differentiable layer: Y = X W^T + bias. Returns (Y, Xs): Xs is the input as the
+  // backward's dvalues product reads it, a new tensor (never an alias of x): on the CPU x
+  // transposed to (in x ld), ld the batch padded to whole vectors; on CUDA a contiguous copy of
+  // x (batch x in). Autograd is attached in C++ (csrc/autograd.cpp) and calls
+  // sparse_linear_backward with the same backend.
+  //
+  // `backend`, decided once per layer (torch_nerva/backends.py resolves "auto"), selects the
+  // implementation inside the device's kernel: on the CPU "native" (our kernels) or "mkl" (MKL
+  // computes Y and dX, the native SDDMM dvalues); on CUDA "cusparse" ("native" has no CUDA
+  // kernel yet). A backend not built, or not running on the tensors' device, raises saying how
+  // to build it or which backend to use. Last, with a default, so positional callers of the
+  // native op keep working.
   m.def("sparse_linear(Tensor x, Tensor values, Tensor? bias, Tensor crow, Tensor col, "
-        "Tensor crow_t, Tensor col_t, Tensor perm) -> (Tensor, Tensor)");
-  // (dX, dvalues) of sparse_linear from dY and the saved Xt; dY is transposed once for both.
-  // A gradient not asked for is returned as an empty tensor and not computed.
+        "Tensor crow_t, Tensor col_t, Tensor perm, str backend=\"native\") -> (Tensor, Tensor)");
+  // (dX, dvalues) of sparse_linear from dY and the saved Xs; on the CPU dY is transposed once
+  // for both. A gradient not asked for is returned as an empty tensor and not computed.
   m.def("sparse_linear_backward(Tensor grad, Tensor xt, Tensor values, Tensor crow, "
         "Tensor col, Tensor crow_t, Tensor col_t, Tensor perm, bool input_grad, "
-        "bool values_grad) -> (Tensor, Tensor)");
+        "bool values_grad, str backend=\"native\") -> (Tensor, Tensor)");
   // 2-D convolution with a sparse weight W (out_channels x in_channels / groups * kh * kw, CSR,
   // column c = (ci_local * kh + ky) * kw + kx as in nn.Conv2d.weight.reshape(out, -1)) on NCHW
   // input x: F.conv2d(x, W, bias, stride, padding, dilation, groups) with zero padding, direct
@@ -54,7 +63,6 @@ TORCH_LIBRARY(torch_nerva, m) {
         "-> (Tensor, Tensor)");
   // Full validation of a CSR topology (O(nnz)); raises a clear error on the first problem.
   m.def("csr_check(Tensor crow, Tensor col, SymInt n_rows, SymInt n_cols) -> ()");
-  // Test helper: how many distinct threads at::parallel_for used for n work items.
   // yt = clamp(W xt + bias, lo, hi) on feature-major activations (n_in x ld): no transposes,
   // for inference pipelines such as the Graph Challenge's (CPU).
   m.def("csr_spmm_fm(Tensor xt, Tensor values, Tensor crow, Tensor col, Tensor? bias=None, "
@@ -69,6 +77,7 @@ TORCH_LIBRARY(torch_nerva, m) {
   // call for the run (CPU; nn.FusedSequential).
   m.def("csr_chain_fm(Tensor xt, Tensor[] values, Tensor[] crows, Tensor[] cols, "
         "Tensor?[] biases, int[] relu) -> Tensor");
+  // Test helper: how many distinct threads at::parallel_for used for n work items.
   m.def("_parallel_probe(int n) -> Tensor");
   // Test helper: runs the kernels' chunk pool (csrc/cpu/pool.h) on n_chunks chunks of spin_us
   // microseconds each; returns (runs per chunk, id of the thread that ran it, 0 = caller).
@@ -82,13 +91,9 @@ TORCH_LIBRARY(torch_nerva, m) {
   // and the instruction sets this CPU supports.
   m.def("_kernel_isa(str name) -> str");
   m.def("_supported_isas() -> str[]");
-#ifdef TORCH_NERVA_WITH_MKL
-  // y = x W^T (transpose=False) or x W (transpose=True) through torch's own MKL (csrc/cpu/mkl_cpu.cpp)
-  m.def("mkl_spmm(Tensor x, Tensor values, Tensor crow, Tensor col, SymInt n_cols, "
-        "bool transpose) -> Tensor");
+  // What this build holds (defined in every build: false when not built; csrc/backend.cpp),
+  // and how to build a backend it lacks ("mkl", "cusparse"), the text of every such error.
   m.def("_mkl_available() -> bool");
-#endif
-#ifdef TORCH_NERVA_WITH_CUDA
-  m.def("_cusparse_built() -> bool");  // the CUDA kernels of the ops above: csrc/cuda/
-#endif
+  m.def("_cusparse_built() -> bool");
+  m.def("_how_to_build(str backend) -> str");
 }

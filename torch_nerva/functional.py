@@ -58,7 +58,10 @@ def _check_input(x: Tensor, values: Tensor, bias: Optional[Tensor], in_features:
 def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tensor, col: Tensor,
                   crow_t: Tensor, col_t: Tensor, perm: Tensor, *, backend: str = "auto",
                   dense: bool = False, positions: Optional[Tensor] = None) -> Tensor:
-    """``backend="auto"`` resolves with ``dense`` (the layer's :func:`backends.prefer_dense`);
+    """``backend``: a concrete name (a layer passes the one it resolved when its topology was
+    set) or ``"auto"``, resolved here with ``dense`` (the layer's
+    :func:`backends.prefer_dense`); see :mod:`torch_nerva.backends`. ``native``, ``mkl`` and
+    ``cusparse`` are one op call with that backend; ``dense`` and ``torch`` are computed here.
     ``positions`` (flat row-major, int64) saves the dense path recomputing them."""
     if _functorch_active():  # torch.func transform: Python autograd (below), ~40 ns to ask
         return _sparse_linear_func(x, values, bias, crow, col, crow_t, col_t, perm, backend,
@@ -85,9 +88,13 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tenso
         if positions is None or positions.numel() != values.numel():
             positions = CSRLayout(crow, col, (out_features, in_features)).positions()
         y = dense_linear(x2, values, bias, positions, out_features, in_features)
-    elif which in ("native", "cusparse"):  # one op: CPU and CUDA kernels
-        y = ops.sparse_linear(x2, values, bias, crow, col, crow_t, col_t, perm)
-    elif which in ("torch", "mkl"):
+    elif which in ("native", "mkl", "cusparse"):  # the op, its backend chosen in C++
+        if which == "mkl":  # (the op raises too; this message also names an autocast region)
+            autocast = _autocast_dtype(x2)
+            _check_library_dtype(which, autocast or x2.dtype, x2.device, autocast is not None)
+        y = _ops.sparse_linear.default(x2, values, bias, crow, col, crow_t, col_t, perm,
+                                       which)[0]
+    elif which == "torch":
         autocast = _autocast_dtype(x2)
         _check_library_dtype(which, autocast or x2.dtype, x2.device, autocast is not None)
         if autocast is not None:
@@ -96,10 +103,7 @@ def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tenso
             x2, values = x2.to(autocast), values.to(autocast)
             bias = None if bias is None else bias.to(autocast)
         with torch.autocast(x2.device.type, enabled=False):
-            if which == "torch":
-                y = _TorchSparseLinear.apply(x2, values, bias, crow, col, crow_t, col_t, perm)
-            else:
-                y = _MklSparseLinear.apply(x2, values, bias, crow, col)
+            y = _TorchSparseLinear.apply(x2, values, bias, crow, col, crow_t, col_t, perm)
     else:  # pragma: no cover - backends.check refuses unbuilt names earlier
         raise RuntimeError(f"backend {which!r} is not available")
     return y if flat else y.reshape(*x.shape[:-1], out_features)
@@ -109,7 +113,8 @@ def _check_library_dtype(which: str, dtype: torch.dtype, device: torch.device,
                          autocast: bool) -> None:
     """The torch and mkl backends compute with torch.sparse and MKL, which have no bfloat16 or
     float16 sparse kernels on the CPU (MKL has none at all): refuse instead of computing
-    something else than the layer's dtype (or autocast's) would."""
+    something else than the layer's dtype (or autocast's) would. (The op's mkl kernel refuses
+    too; this message also names the autocast region.)"""
     if dtype in LOW_PRECISION and (which == "mkl" or device.type == "cpu"):
         where = "MKL's sparse BLAS" if which == "mkl" else f"torch.sparse on {device.type}"
         raise RuntimeError(
@@ -188,43 +193,6 @@ class _TorchSparseLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_values, grad_bias, None, None, None, None, None
-
-
-class _MklSparseLinear(torch.autograd.Function):
-    """The ``mkl`` backend: forward and dX through the MKL inside torch (``mkl_spmm``, on the
-    row-major tensors as they are), dvalues through our SDDMM (torch's MKL has none).
-
-    MKL's LP64 interface takes int32 indices: an int64 layout is converted on every call (an
-    O(nnz) copy; build layers with ``index_dtype=torch.int32``, the default when it fits)."""
-
-    @staticmethod
-    def forward(ctx, x, values, bias, crow, col):
-        if crow.dtype != torch.int32:
-            crow, col = crow.to(torch.int32), col.to(torch.int32)
-        in_features = x.shape[1]
-        y = _ops.mkl_spmm.default(x, values, crow, col, in_features, False)
-        y = dense_nonfinite(y, x, crow, col, in_features)
-        if bias is not None:
-            y = y + bias
-        ctx.save_for_backward(x, values, crow, col)
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, values, crow, col = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = grad_values = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _ops.mkl_spmm.default(grad, values, crow, col, x.shape[1], True)
-            crow_t, col_t, _ = _ops.csr_transpose.default(crow, col, x.shape[1])
-            grad_x = dense_nonfinite(grad_x, grad, crow_t, col_t, crow.shape[0] - 1)
-        if ctx.needs_input_grad[1]:
-            grad_values = _ops.csr_sddmm.default(grad, x, crow, col)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(0)
-        return grad_x, grad_values, grad_bias, None, None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,12 +8,22 @@ The ops (schemas in ``csrc/torch_nerva.cpp``):
 - ``csr_sddmm(grad_out, x, crow, col)``: ``dvalues[k] = sum_b grad_out[b, row(k)] x[b, col(k)]``,
   the weight gradient at W's nonzeros only.
 - ``csr_transpose(crow, col, n_cols)``: CSR of ``W^T`` and ``perm`` with ``values_t = values[perm]``.
-- ``sparse_linear(x, values, bias, crow, col, crow_t, col_t, perm) -> (y, xt)``: the
-  differentiable layer; ``xt`` is the input transposed to (in x ld), ``ld`` the batch padded to
-  whole 64-byte vectors, kept for the backward.
-- ``sparse_linear_backward(grad, xt, values, crow, col, crow_t, col_t, perm, input_grad,
-  values_grad) -> (dx, dvalues)``: both gradients from one transpose of ``grad``; a gradient not
-  asked for is an empty tensor and is not computed. Double backward is not supported.
+- ``sparse_linear(x, values, bias, crow, col, crow_t, col_t, perm, backend="native") -> (y,
+  xs)``: the differentiable layer (autograd in C++, csrc/autograd.cpp). ``xs`` is the input as
+  the backward reads it, a new tensor (never an alias of ``x``): on the CPU ``x`` transposed to
+  (in x ld), ``ld`` the batch padded to whole 64-byte vectors; on CUDA a contiguous copy of ``x``.
+- ``sparse_linear_backward(grad, xs, values, crow, col, crow_t, col_t, perm, input_grad,
+  values_grad, backend="native") -> (dx, dvalues)``: both gradients from one transpose of
+  ``grad``; a gradient not asked for is an empty tensor and is not computed. Double backward is
+  not supported.
+
+  ``backend`` selects the implementation inside the device's kernel: on the CPU ``"native"``
+  (torch_nerva's kernels) or ``"mkl"`` (MKL's sparse BLAS computes ``y`` and ``dx``, the native
+  SDDMM ``dvalues``; float32/float64, int32 indices or an int64 layout converted per call); on
+  CUDA ``"cusparse"`` (a native CUDA kernel does not exist yet). A layer resolves
+  ``backend="auto"`` once per topology and device (:mod:`torch_nerva.backends`) and passes the
+  concrete name. A backend that was not built raises with the command that builds it; one that
+  does not run on the tensors' device raises naming the one that does.
 - ``csr_check(crow, col, n_rows, n_cols)``: full O(nnz) validation with a clear error.
 - ``sparse_conv2d(x, values, bias, crow, col, crow_t, col_t, perm, kernel, stride, padding,
   dilation, groups)``: ``F.conv2d`` with a CSR weight of shape (out, in / groups * kh * kw), direct
@@ -25,7 +35,7 @@ bounds); sortedness and duplicates are checked by ``csr_check`` when a layout is
 
 Value types (``x``, ``values``, ``bias``, ``grad``: one dtype per call): float32, float64, and
 bfloat16 / float16 stored in 16 bits and accumulated in float32, every output rounded once to
-the input dtype (``mkl_spmm`` and ``sparse_chain``: float32 and float64 only). Under
+the input dtype (the ``mkl`` backend and ``sparse_chain``: float32 and float64 only). Under
 ``torch.autocast`` ``sparse_linear`` and ``csr_spmm`` cast their floating inputs to the
 region's dtype, like ``aten::linear`` (csrc/autocast.cpp; docs/mixed_precision.md).
 """
@@ -55,9 +65,30 @@ def csr_check(crow: Tensor, col: Tensor, n_rows: int, n_cols: int) -> None:
 
 
 def sparse_linear(x: Tensor, values: Tensor, bias: Optional[Tensor], crow: Tensor, col: Tensor,
-                  crow_t: Tensor, col_t: Tensor, perm: Tensor) -> Tensor:
-    """``x W^T + bias`` for a 2-D ``x``, differentiable in ``x``, ``values`` and ``bias``."""
-    return _ops.sparse_linear(x, values, bias, crow, col, crow_t, col_t, perm)[0]
+                  crow_t: Tensor, col_t: Tensor, perm: Tensor, backend: str = "native") -> Tensor:
+    """``x W^T + bias`` for a 2-D ``x``, differentiable in ``x``, ``values`` and ``bias``;
+    ``backend`` is ``"native"``, ``"mkl"`` (CPU) or ``"cusparse"`` (CUDA)."""
+    return _ops.sparse_linear(x, values, bias, crow, col, crow_t, col_t, perm, backend)[0]
+
+
+#: The backends of the sparse_linear op (``auto``, ``dense`` and ``torch`` are resolved or
+#: computed in Python: torch_nerva.functional).
+OP_BACKENDS = ("native", "mkl", "cusparse")
+
+
+def mkl_available() -> bool:
+    """Built with MKL, and the MKL inside this torch exports the sparse BLAS it calls."""
+    return bool(_ops._mkl_available())
+
+
+def cusparse_built() -> bool:
+    """Built with the cuSPARSE backend (CUDA kernels of the ops)."""
+    return bool(_ops._cusparse_built())
+
+
+def how_to_build(backend: str) -> str:
+    """How to build ``backend`` ("mkl" or "cusparse"): the text of every not-built error."""
+    return _ops._how_to_build(backend)
 
 
 def kernel_isa(name: str = "") -> str:
@@ -123,17 +154,33 @@ def _csr_check_fake(crow, col, n_rows, n_cols):
     return None
 
 
+def _check_op_backend(op: str, backend: str, device: torch.device) -> None:
+    """The fake kernels' version of the kernels' backend checks (csrc/backend.h), so that a
+    traced graph fails where the eager call would."""
+    torch._check(backend in OP_BACKENDS,
+                 lambda: f"{op}: backend must be 'native', 'mkl' or 'cusparse', got {backend!r}")
+    if device.type == "cuda":
+        torch._check(backend == "cusparse",
+                     lambda: f"{op}: backend {backend!r} has no CUDA kernel; use "
+                             f"backend='cusparse' on CUDA tensors")
+    elif device.type == "cpu":
+        torch._check(backend != "cusparse",
+                     lambda: f"{op}: backend 'cusparse' runs on CUDA tensors only, got tensors "
+                             f"on {device}")
+
+
 @torch.library.register_fake("torch_nerva::sparse_linear")
-def _sparse_linear_fake(x, values, bias, crow, col, crow_t, col_t, perm):
+def _sparse_linear_fake(x, values, bias, crow, col, crow_t, col_t, perm, backend="native"):
     _check_devices("sparse_linear", x=x, values=values, bias=bias, crow=crow, col=col,
                    crow_t=crow_t, col_t=col_t, perm=perm)
+    _check_op_backend("sparse_linear", backend, x.device)
     torch._check(x.dim() == 2, lambda: f"sparse_linear: x must be 2-D, got {x.dim()}-D")
     torch._check(values.dtype == x.dtype, lambda: "sparse_linear: values and x dtypes differ")
     torch._check(x.shape[1] == crow_t.shape[0] - 1,
                  lambda: f"sparse_linear: x has {x.shape[1]} features, layer expects "
                          f"{crow_t.shape[0] - 1}")
     y = x.new_empty((x.shape[0], crow.shape[0] - 1))
-    if x.device.type == "cuda":  # cuSPARSE reads row-major activations: x itself is saved
+    if x.device.type == "cuda":  # cuSPARSE reads row-major activations: a copy of x is saved
         return y, x.new_empty(x.shape)
     xt = x.new_empty((x.shape[1], padded_ld(x.shape[0], x.dtype)))
     return y, xt
@@ -141,9 +188,10 @@ def _sparse_linear_fake(x, values, bias, crow, col, crow_t, col_t, perm):
 
 @torch.library.register_fake("torch_nerva::sparse_linear_backward")
 def _sparse_linear_backward_fake(grad, xt, values, crow, col, crow_t, col_t, perm, input_grad,
-                                 values_grad):
+                                 values_grad, backend="native"):
     _check_devices("sparse_linear_backward", grad=grad, xt=xt if values_grad else None,
                    values=values, crow=crow, col=col, crow_t=crow_t, col_t=col_t, perm=perm)
+    _check_op_backend("sparse_linear_backward", backend, grad.device)
     grad_x = grad.new_empty((grad.shape[0], crow_t.shape[0] - 1) if input_grad else (0,))
     grad_values = grad.new_empty((col.shape[0],) if values_grad else (0,))
     return grad_x, grad_values
@@ -297,26 +345,6 @@ def _conv_backward(ctx, grad):
 
 torch.library.register_autograd("torch_nerva::sparse_conv2d", _conv_backward,
                                 setup_context=_conv_setup)
-
-
-if hasattr(_ops, "mkl_spmm"):
-    @torch.library.register_fake("torch_nerva::mkl_spmm")
-    def _mkl_spmm_fake(x, values, crow, col, n_cols, transpose):
-        _check_devices("mkl_spmm", x=x, values=values, crow=crow, col=col)
-        torch._check(x.dim() == 2, lambda: f"mkl_spmm: x must be 2-D, got {x.dim()}-D")
-        torch._check(values.dtype == x.dtype, lambda: "mkl_spmm: values and x dtypes differ")
-        n_rows = crow.shape[0] - 1
-        return x.new_empty((x.shape[0], n_cols if transpose else n_rows))
-
-
-def mkl_spmm(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, n_cols: int,
-             transpose: bool = False) -> Tensor:
-    """``x W^T`` (or ``x W`` with ``transpose``) through the MKL inside torch; W is the int32
-    CSR (``len(crow) - 1`` x ``n_cols``). Only in builds with the MKL backend."""
-    if not hasattr(_ops, "mkl_spmm"):
-        raise RuntimeError("this torch_nerva build has no MKL backend: pip install mkl-include, "
-                           "then pip install --no-build-isolation -e .")
-    return _ops.mkl_spmm(x, values, crow, col, n_cols, transpose)
 
 
 @torch.library.register_fake("torch_nerva::csr_spmm_fm")

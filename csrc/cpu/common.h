@@ -14,8 +14,11 @@
 namespace torch_nerva {
 namespace cpu {
 
+using torch_nerva::check_bias;
 using torch_nerva::check_devices;
 using torch_nerva::check_index_pair;
+using torch_nerva::check_linear_grad;
+using torch_nerva::check_linear_layout;
 using torch_nerva::check_row_pointer_ends;
 using torch_nerva::check_values;
 

@@ -1,9 +1,14 @@
-// The sparse_linear forward and backward ops on the CPU, on the transposed layout of spmm.h.
-// The forward returns the transposed input so the backward does not transpose it again.
+// The sparse_linear forward and backward ops on the CPU, for the backends "native" (the
+// transposed layout of spmm.h) and "mkl" (csrc/mkl/: forward and dX by MKL on the row-major
+// tensors, dvalues by the native SDDMM, as torch's MKL has no sampled product). On both, the
+// forward returns the input transposed to (in x ld) (never an alias of x), so that the
+// backward computes dvalues without transposing it again.
 #include "common.h"
 #include "kernels.h"
 #include "spmm.h"
 #include "transpose.h"
+#include "../backend.h"
+#include "../mkl/spmm_mkl.h"
 #include "../nonfinite.h"
 
 #include <ATen/Dispatch.h>
@@ -15,35 +20,33 @@ namespace torch_nerva {
 namespace cpu {
 namespace {
 
-void check_linear_layout(const char* op, const at::Tensor& values, const at::Tensor& crow,
-                         const at::Tensor& col, const at::Tensor& crow_t,
-                         const at::Tensor& col_t, const at::Tensor& perm) {
-  check_devices(op, at::kCPU, {{"values", &values}, {"crow", &crow}, {"col", &col},
-                               {"crow_t", &crow_t}, {"col_t", &col_t}, {"perm", &perm}});
-  check_index_pair(op, crow, col);
-  check_index_pair(op, crow_t, col_t);
-  TORCH_CHECK(crow_t.scalar_type() == crow.scalar_type() &&
-                  perm.scalar_type() == crow.scalar_type(),
-              op, ": the layout and its transpose must share one index dtype");
-  TORCH_CHECK(col_t.numel() == col.numel() && perm.dim() == 1 && perm.numel() == col.numel() &&
-                  values.dim() == 1 && values.numel() == col.numel(),
-              op, ": inconsistent layout: nnz is ", col.numel(), " in col, ", col_t.numel(),
-              " in col_t, ", perm.numel(), " in perm and ", values.numel(), " in values");
+// The backend of a CPU kernel: native or mkl (cusparse raises, naming the device).
+Backend cpu_backend(const char* op, c10::string_view name) {
+  const Backend b = parse_backend(op, name);
+  if (b == Backend::cusparse) raise_wrong_device(op, b, at::kCPU);
+  return b;
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_linear_cpu(
     const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
     const at::Tensor& crow, const at::Tensor& col, const at::Tensor& crow_t,
-    const at::Tensor& col_t, const at::Tensor& perm) {
+    const at::Tensor& col_t, const at::Tensor& perm, c10::string_view backend) {
   const char* op = "torch_nerva.sparse_linear";
+  const Backend which = cpu_backend(op, backend);
   check_spmm_args(op, x, values, crow, col, c10::nullopt, bias);
-  check_linear_layout(op, values, crow, col, crow_t, col_t, perm);
+  check_linear_layout(op, at::kCPU, values, crow, col, crow_t, col_t, perm);
   TORCH_CHECK(x.size(1) == crow_t.numel() - 1, op, ": x has ", x.size(1),
               " features but the layer has in_features = ", crow_t.numel() - 1);
   bool nonfinite = false;
   at::Tensor xt = transpose_padded(x, &nonfinite);
-  at::Tensor y = spmm_transposed(op, xt, x.size(0), values, crow, col, at::Tensor(),
-                                 bias.value_or(at::Tensor()));
+  at::Tensor y;
+  if (which == Backend::mkl) {
+    y = mkl::spmm(op, x, values, crow, col, x.size(1), /*transpose=*/false);
+    if (bias.has_value()) y.add_(*bias);  // after the product, as the dense x W^T + b
+  } else {
+    y = spmm_transposed(op, xt, x.size(0), values, crow, col, at::Tensor(),
+                        bias.value_or(at::Tensor()));
+  }
   if (nonfinite) {  // dense math's NaN/Inf semantics (csrc/nonfinite.h); rare
     apply_dense_nonfinite(y, x, [&](const at::Tensor& indicator) {
       return spmm_transposed(op, transpose_padded(indicator), indicator.size(0),
@@ -57,14 +60,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_cpu(
 std::tuple<at::Tensor, at::Tensor> sparse_linear_backward_cpu(
     const at::Tensor& grad, const at::Tensor& xt, const at::Tensor& values,
     const at::Tensor& crow, const at::Tensor& col, const at::Tensor& crow_t,
-    const at::Tensor& col_t, const at::Tensor& perm, bool input_grad, bool values_grad) {
+    const at::Tensor& col_t, const at::Tensor& perm, bool input_grad, bool values_grad,
+    c10::string_view backend) {
   const char* op = "torch_nerva.sparse_linear_backward";
-  check_linear_layout(op, values, crow, col, crow_t, col_t, perm);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(1) == crow.numel() - 1, op,
-              ": grad must be (batch x out_features = ", crow.numel() - 1, "), got ",
-              grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == values.scalar_type(), op, ": grad has dtype ",
-              grad.scalar_type(), " but values have dtype ", values.scalar_type());
+  const Backend which = cpu_backend(op, backend);
+  check_linear_layout(op, at::kCPU, values, crow, col, crow_t, col_t, perm);
+  check_linear_grad(op, grad, values, crow);
   check_devices(op, at::kCPU, {{"grad", &grad}, {"xt", &xt}});
   const int64_t batch = grad.size(0);
   // Every check on xt comes before anything reads it; the kernels read it through its data
@@ -87,9 +88,14 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward_cpu(
   }
   bool nonfinite = false;
   at::Tensor gt = transpose_padded(grad, input_grad ? &nonfinite : nullptr);
-  at::Tensor grad_x = input_grad
-      ? spmm_transposed(op, gt, batch, values, crow_t, col_t, perm, at::Tensor())
-      : at::empty({0}, grad.options());
+  at::Tensor grad_x;
+  if (!input_grad) {
+    grad_x = at::empty({0}, grad.options());
+  } else if (which == Backend::mkl) {  // dX^T = W^T dY^T: MKL's transposed product on W's CSR
+    grad_x = mkl::spmm(op, grad, values, crow, col, crow_t.numel() - 1, /*transpose=*/true);
+  } else {
+    grad_x = spmm_transposed(op, gt, batch, values, crow_t, col_t, perm, at::Tensor());
+  }
   if (nonfinite) {  // dense math's NaN/Inf semantics for dX = dY W (csrc/nonfinite.h); rare
     apply_dense_nonfinite(grad_x, grad, [&](const at::Tensor& indicator) {
       return spmm_transposed(op, transpose_padded(indicator), indicator.size(0),

@@ -103,12 +103,7 @@ void check_spmm_args(const char* op, const at::Tensor& x, const at::Tensor& valu
     TORCH_CHECK(values.numel() == n_pos, op, ": values has ", values.numel(),
                 " entries but the layout has nnz = ", n_pos);
   }
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == n_out, op, ": bias must have shape (",
-                n_out, "), got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias has dtype ",
-                bias->scalar_type(), " but x has dtype ", x.scalar_type());
-  }
+  check_bias(op, bias, n_out, x);
 }
 
 // ---- ops ----------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-// The cuSPARSE backend: sparse_linear, its backward, csr_spmm and csr_sddmm on CUDA tensors
-// through cuSPARSE's generic API. Host code only (no kernels of ours), compiled by the C++
-// compiler against the CUDA headers.
+// The CUDA kernels of sparse_linear (backend "cusparse"; "native" has no CUDA kernel yet and
+// raises), its backward, csr_spmm and csr_sddmm on CUDA tensors, through cuSPARSE's generic
+// API. Host code only (no kernels of ours), compiled by the C++ compiler against the CUDA
+// headers. Argument checks are those of the CPU kernels (csrc/checks.h); the index data are
+// validated on the device. In a build without CUDA the same ops raise on CUDA tensors with the
+// command that builds the backend (end of this file).
 //
 //   forward  Y^T (out x B) = W X^T    cusparseSpMM, W in CSR, X row-major read as X^T
 //                                     column-major (ld = in), Y written as Y^T column-major
@@ -20,6 +23,13 @@
 // rounded once to the 16-bit type: the same result up to the summation order. Index tensors are validated on the
 // device before cuSPARSE reads them (one synchronising check per call): a malformed layout
 // raises instead of faulting the GPU.
+#include "../backend.h"
+#include "../checks.h"
+
+#include <torch/library.h>
+
+#include <tuple>
+
 #ifdef TORCH_NERVA_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -27,11 +37,9 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cusparse.h>
-#include <torch/library.h>
 
 #include "../nonfinite.h"
 
-#include <tuple>
 #include <vector>
 
 namespace torch_nerva {
@@ -72,20 +80,10 @@ cusparseIndexType_t index_type(const at::Tensor& t) {
   return t.scalar_type() == at::kInt ? CUSPARSE_INDEX_32I : CUSPARSE_INDEX_64I;
 }
 
-void check_same_device(const char* op, const at::Tensor& ref, const at::Tensor& t,
-                       const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
-              " but x is on ", ref.device());
-}
-
 // Validates a CSR (n_rows x n_cols) on the device: row pointer from 0 to nnz, non-decreasing,
 // columns in range. One host synchronisation.
 void check_layout(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t n_cols) {
-  TORCH_CHECK(crow.dim() == 1 && crow.numel() >= 1 && col.dim() == 1, op,
-              ": crow must be 1-D with n_rows + 1 >= 1 entries and col 1-D");
-  TORCH_CHECK((crow.scalar_type() == at::kInt || crow.scalar_type() == at::kLong) &&
-                  col.scalar_type() == crow.scalar_type(),
-              op, ": crow and col must share one index dtype, int32 or int64");
+  check_index_pair(op, crow, col);
   const int64_t nnz = col.numel();
   std::vector<at::Tensor> bad;
   bad.push_back(crow.select(0, 0).ne(0));
@@ -101,6 +99,14 @@ void check_layout(const char* op, const at::Tensor& crow, const at::Tensor& col,
   TORCH_CHECK(crow.numel() <= 1 || !f[2], op, ": malformed row pointer (decreasing)");
   TORCH_CHECK(nnz == 0 || (!f[3] && !f[4]), op, ": column index out of range (not in [0, ",
               n_cols, "))");
+}
+
+// perm indexes values (n_values entries): checked on the device before index_select reads it
+// (an out-of-range index would be a device-side assertion, fatal to the CUDA context).
+void check_perm_range(const char* op, const at::Tensor& perm, int64_t n_values) {
+  if (perm.numel() == 0) return;
+  TORCH_CHECK(!(perm.lt(0) | perm.ge(n_values)).any().item<bool>(), op,
+              ": perm index out of range (not in [0, ", n_values, "))");
 }
 
 struct SpMat {
@@ -216,17 +222,16 @@ at::Tensor sddmm(const char* op, const at::Tensor& grad, const at::Tensor& x,
   return out;
 }
 
+// x (batch x n_cols) on a CUDA device, values (nnz) of its dtype, the layout on the same device.
 void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
                   const at::Tensor& crow, const at::Tensor& col) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D, got shape ", x.sizes());
-  TORCH_CHECK(values.dim() == 1 && values.numel() == col.numel(), op, ": values must be 1-D "
-              "with nnz = ", col.numel(), " entries, got shape ", values.sizes());
-  TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": x has dtype ", x.scalar_type(),
-              " but values have dtype ", values.scalar_type());
-  check_same_device(op, x, values, "values");
-  check_same_device(op, x, crow, "crow");
-  check_same_device(op, x, col, "col");
+  check_devices(op, x.device(), {{"values", &values}, {"crow", &crow}, {"col", &col}});
+  check_index_pair(op, crow, col);
+  check_values(op, values, x, "x", /*low_precision=*/true);
+  TORCH_CHECK(values.numel() == col.numel(), op, ": values has ", values.numel(),
+              " entries but the layout has nnz = ", col.numel());
 }
 
 at::Tensor csr_spmm_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
@@ -235,13 +240,22 @@ at::Tensor csr_spmm_cuda(const at::Tensor& x, const at::Tensor& values, const at
   const char* op = "torch_nerva.csr_spmm";
   c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, op, ": x must be a 2-D CUDA tensor");
+  const at::Tensor no_tensor;
+  check_devices(op, x.device(), {{"values", &values}, {"crow", &crow}, {"col", &col},
+                                 {"perm", perm.has_value() ? &*perm : &no_tensor},
+                                 {"bias", bias.has_value() ? &*bias : &no_tensor}});
   check_layout(op, crow, col, x.size(1));
   at::Tensor v = values;
   if (perm.has_value()) {
-    TORCH_CHECK(perm->numel() == col.numel(), op, ": perm must have nnz entries");
+    TORCH_CHECK(perm->dim() == 1 && perm->numel() == col.numel(), op,
+                ": perm must be 1-D with nnz = ", col.numel(), " entries, got shape ",
+                perm->sizes());
+    TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D, got shape ", values.sizes());
+    check_perm_range(op, *perm, values.numel());
     v = values.index_select(0, *perm);
   }
   check_common(op, x, v, crow, col);
+  check_bias(op, bias, crow.numel() - 1, x);
   return spmm(op, x, v, crow, col, bias.value_or(at::Tensor()));
 }
 
@@ -253,34 +267,43 @@ at::Tensor csr_sddmm_cuda(const at::Tensor& grad, const at::Tensor& x, const at:
               ": grad_out and x must be 2-D with one batch size");
   TORCH_CHECK(grad.size(1) == crow.numel() - 1, op, ": grad_out has ", grad.size(1),
               " columns but the layout has ", crow.numel() - 1, " rows");
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": grad_out and x dtypes differ");
-  check_same_device(op, x, grad, "grad_out");
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": grad_out has dtype ",
+              grad.scalar_type(), " but x has dtype ", x.scalar_type());
+  check_devices(op, x.device(), {{"grad_out", &grad}, {"crow", &crow}, {"col", &col}});
   check_layout(op, crow, col, x.size(1));
   value_type(x);
   return sddmm(op, grad, x, crow, col);
 }
 
-// The forward returns x itself (contiguous) as the saved tensor: cuSPARSE reads row-major
-// activations directly, so there is no transposed copy on CUDA.
+// The CUDA kernel's backend: cusparse ("native" has no CUDA kernel yet; "mkl" is CPU only).
+void check_cuda_backend(const char* op, c10::string_view name, const at::Device& device) {
+  const Backend b = parse_backend(op, name);
+  if (b == Backend::native) {
+    TORCH_CHECK(false, op, ": backend 'native' has no CUDA kernel: ", how_to_build("native_cuda"));
+  }
+  if (b == Backend::mkl) raise_wrong_device(op, b, device);
+}
+
+// The forward's second output is a copy of x (batch x in_features, contiguous), the input
+// the backward's SDDMM reads: cuSPARSE reads row-major activations directly, so no transpose
+// is needed on CUDA, but an op never returns an alias of its input (autograd and functionalization
+// rely on it).
 std::tuple<at::Tensor, at::Tensor> sparse_linear_cuda(
     const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
     const at::Tensor& crow, const at::Tensor& col, const at::Tensor& crow_t,
-    const at::Tensor& col_t, const at::Tensor& perm) {
+    const at::Tensor& col_t, const at::Tensor& perm, c10::string_view backend) {
   const char* op = "torch_nerva.sparse_linear";
   c10::cuda::CUDAGuard guard(x.device());
+  check_cuda_backend(op, backend, x.device());
   check_common(op, x, values, crow, col);
+  check_linear_layout(op, x.device(), values, crow, col, crow_t, col_t, perm);
+  const at::Tensor no_tensor;
+  check_devices(op, x.device(), {{"bias", bias.has_value() ? &*bias : &no_tensor}});
+  check_bias(op, bias, crow.numel() - 1, x);
   TORCH_CHECK(x.size(1) == crow_t.numel() - 1, op, ": x has ", x.size(1),
               " features but the layer has in_features = ", crow_t.numel() - 1);
   check_layout(op, crow, col, x.size(1));
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == crow.numel() - 1 && bias->scalar_type() == x.scalar_type(),
-                op, ": bias must have out_features entries of x's dtype");
-    check_same_device(op, x, *bias, "bias");
-  }
-  check_same_device(op, x, crow_t, "crow_t");
-  check_same_device(op, x, col_t, "col_t");
-  check_same_device(op, x, perm, "perm");
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = x.is_contiguous() ? x.clone() : x.contiguous();  // never x itself
   at::Tensor y = spmm(op, xc, values, crow, col, bias.value_or(at::Tensor()));
   // dense math's NaN/Inf semantics (csrc/nonfinite.h); the test costs one more host
   // synchronisation beside check_layout's
@@ -296,25 +319,20 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_cuda(
 std::tuple<at::Tensor, at::Tensor> sparse_linear_backward_cuda(
     const at::Tensor& grad, const at::Tensor& xt, const at::Tensor& values,
     const at::Tensor& crow, const at::Tensor& col, const at::Tensor& crow_t,
-    const at::Tensor& col_t, const at::Tensor& perm, bool input_grad, bool values_grad) {
+    const at::Tensor& col_t, const at::Tensor& perm, bool input_grad, bool values_grad,
+    c10::string_view backend) {
   const char* op = "torch_nerva.sparse_linear_backward";
   c10::cuda::CUDAGuard guard(grad.device());
-  TORCH_CHECK(grad.dim() == 2 && grad.size(1) == crow.numel() - 1, op,
-              ": grad must be (batch x out_features = ", crow.numel() - 1, "), got ",
-              grad.sizes());
+  check_cuda_backend(op, backend, grad.device());
+  check_linear_layout(op, grad.device(), values, crow, col, crow_t, col_t, perm);
+  check_linear_grad(op, grad, values, crow);
   const int64_t in_features = crow_t.numel() - 1;
-  check_same_device(op, grad, values, "values");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"crow", &crow},
-                                {"col", &col}, {"crow_t", &crow_t}, {"col_t", &col_t},
-                                {"perm", &perm}}) {
-    check_same_device(op, grad, *t, name);
-  }
-  if (values_grad) check_same_device(op, grad, xt, "xt");
+  if (values_grad) check_devices(op, grad.device(), {{"xt", &xt}});
   at::Tensor grad_x = at::empty({0}, grad.options());
   at::Tensor grad_values = at::empty({0}, grad.options());
   if (input_grad) {
     check_layout(op, crow_t, col_t, crow.numel() - 1);
-    TORCH_CHECK(perm.numel() == col.numel(), op, ": perm must have nnz entries");
+    check_perm_range(op, perm, values.numel());
     const at::Tensor values_t = values.index_select(0, perm);
     const at::Tensor gc = grad.contiguous();
     grad_x = spmm(op, gc, values_t, crow_t, col_t, at::Tensor());
@@ -329,13 +347,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_linear_backward_cuda(
   if (values_grad) {
     TORCH_CHECK(xt.dim() == 2 && xt.size(0) == grad.size(0) && xt.size(1) == in_features, op,
                 ": saved input must be (batch x in_features), got ", xt.sizes());
+    TORCH_CHECK(xt.scalar_type() == values.scalar_type(), op, ": saved input has dtype ",
+                xt.scalar_type(), " but values have dtype ", values.scalar_type());
     check_layout(op, crow, col, in_features);
     grad_values = sddmm(op, grad, xt, crow, col);
   }
   return {grad_x, grad_values};
 }
-
-bool cuda_built() { return true; }
 
 }  // namespace
 
@@ -346,8 +364,52 @@ TORCH_LIBRARY_IMPL(torch_nerva, CUDA, m) {
   m.impl("sparse_linear_backward", &sparse_linear_backward_cuda);
 }
 
-TORCH_LIBRARY_IMPL(torch_nerva, CompositeExplicitAutograd, m) {
-  m.impl("_cusparse_built", &cuda_built);
+}  // namespace cuda
+}  // namespace torch_nerva
+
+#else  // built without CUDA: the ops raise on CUDA tensors with the command that builds them
+
+namespace torch_nerva {
+namespace cuda {
+namespace {
+
+[[noreturn]] void not_built(const char* op) {
+  TORCH_CHECK(false, op, ": this torch_nerva build has no CUDA kernels (backend 'cusparse' is "
+              "not available in this build): ", how_to_build("cusparse"));
+}
+
+at::Tensor csr_spmm_unbuilt(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const c10::optional<at::Tensor>&,
+                            const c10::optional<at::Tensor>&) {
+  not_built("torch_nerva.csr_spmm");
+}
+
+at::Tensor csr_sddmm_unbuilt(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&) {
+  not_built("torch_nerva.csr_sddmm");
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_linear_unbuilt(
+    const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    c10::string_view) {
+  not_built("torch_nerva.sparse_linear");
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_linear_backward_unbuilt(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool,
+    c10::string_view) {
+  not_built("torch_nerva.sparse_linear_backward");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_nerva, CUDA, m) {
+  m.impl("csr_spmm", &csr_spmm_unbuilt);
+  m.impl("csr_sddmm", &csr_sddmm_unbuilt);
+  m.impl("sparse_linear", &sparse_linear_unbuilt);
+  m.impl("sparse_linear_backward", &sparse_linear_backward_unbuilt);
 }
 
 }  // namespace cuda

@@ -116,7 +116,32 @@ class SparseWeightModule(nn.Module):
         self.perm_t = perm.to(device)
         # Decided once per topology: does backend="auto" compute this layer densely?
         self._prefer_dense = self._prefer_dense_for(col.numel())
+        self._resolve_backend()
         self._update_positions()
+
+    # -- backend -------------------------------------------------------------------------------
+    # ``backend`` is what was asked for ("auto" or a name); it is resolved once, when the
+    # topology is set, the layer moves to another device or ``backend`` is assigned, and the
+    # choice is stored in ``_backend_arg``: the backend argument forward passes on (a concrete
+    # name, so the op gets a constant; "auto" only where the choice depends on the batch, for a
+    # layer that auto computes densely on the CPU: see backends.DENSE_MIN_BATCH).
+    @property
+    def backend(self) -> str:
+        return self.__dict__["_backend_name"]
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.__dict__["_backend_name"] = backends.check(name)
+        if "crow_indices" in self.__dict__:
+            self._resolve_backend()
+
+    def _resolve_backend(self) -> None:
+        device = self.crow_indices.device
+        if self.backend != "auto":
+            self._backend_arg = self.backend  # checked against the device at the call
+            return
+        choice = backends.resolve("auto", device, self._prefer_dense)
+        self._backend_arg = "auto" if choice == "dense" and device.type == "cpu" else choice
 
     def _update_positions(self) -> None:
         """Flat positions for the dense path, kept only for layers that may take it."""
@@ -129,7 +154,11 @@ class SparseWeightModule(nn.Module):
     def __setstate__(self, state) -> None:
         """Unpickling; a layer pickled by a version that kept the topology in buffers and
         ``values`` 1-D is brought to the current form."""
+        if "backend" in state:  # pickled before backend was resolved and stored
+            state["_backend_name"] = state.pop("backend")
         super().__setstate__(state)
+        if "_backend_arg" not in self.__dict__ and "_prefer_dense" in self.__dict__:
+            self._resolve_backend()
         buffers = self.__dict__.get("_buffers", {})
         for name in self._TOPOLOGY:
             if name in buffers:
@@ -148,16 +177,20 @@ class SparseWeightModule(nn.Module):
         dtype never changes, and ``to_empty`` must not replace it by uninitialised memory)."""
         super()._apply(fn, recurse)
         device = self.values.device
+        moved = False
         for name in self._TOPOLOGY:
             t = self.__dict__.get(name)
             if t is not None and t.device != device:
                 self.__dict__[name] = t.to(device)
+                moved = True
+        if moved:  # auto's choice depends on the device
+            self._resolve_backend()
         return self
 
     @property
     def resolved_backend(self) -> str:
         """What ``backend`` resolves to for this layer on its device."""
-        return backends.resolve(self.backend, self.values.device, self._prefer_dense)
+        return backends.resolve(self._backend_arg, self.values.device, self._prefer_dense)
     @property
     def layout(self) -> CSRLayout:
         return CSRLayout(self.crow_indices, self.col_indices, self.matrix_shape)

@@ -134,8 +134,10 @@ class SparseLinear(SparseWeightModule, _LinearBase):
             uniformly at random.
         mask: a boolean (out_features x in_features) tensor giving the pattern.
         nnz: the exact number of nonzeros (placed uniformly at random).
-        backend: ``"auto"`` (default), ``"native"``, ``"dense"`` or ``"torch"`` (see
-            :mod:`torch_nerva.backends`). ``auto`` computes small or dense-ish layers densely.
+        backend: ``"auto"`` (default), ``"native"``, ``"mkl"``, ``"cusparse"``, ``"dense"`` or
+            ``"torch"`` (see :mod:`torch_nerva.backends`). ``auto`` is resolved when the
+            topology is set (and on a device change; ``resolved_backend``): it computes small
+            or dense-ish layers densely.
         device, dtype: factory kwargs as in ``nn.Linear``.
         generator: a CPU ``torch.Generator`` for the topology and the initial values.
         index_dtype: ``torch.int32`` or ``torch.int64`` (default: int32 when it fits).
@@ -160,8 +162,8 @@ class SparseLinear(SparseWeightModule, _LinearBase):
         if detached:
             y = functional.sparse_linear(x, self.flat_values().detach(), None, self.crow_indices,
                                          self.col_indices, self.crow_indices_t,
-                                         self.col_indices_t, self.perm_t, backend=self.backend,
-                                         dense=self._prefer_dense,
+                                         self.col_indices_t, self.perm_t,
+                                         backend=self._backend_arg, dense=self._prefer_dense,
                                          positions=self.dense_positions)
             return y if bias is None else y + bias
         if bias is self.bias:
@@ -186,8 +188,8 @@ class SparseLinear(SparseWeightModule, _LinearBase):
         bias = d["_call_bias"] if "_call_bias" in d else p["bias"] if "bias" in p else self.bias
         return functional.sparse_linear(input, values.view(-1), bias, d["crow_indices"],
                                         d["col_indices"], d["crow_indices_t"],
-                                        d["col_indices_t"], d["perm_t"], backend=self.backend,
-                                        dense=self._prefer_dense,
+                                        d["col_indices_t"], d["perm_t"],
+                                        backend=d["_backend_arg"], dense=self._prefer_dense,
                                         positions=d["dense_positions"])
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
