@@ -186,7 +186,9 @@ def test_only_selects_experiments_and_rejects_unknown_names(tmp_path, capsys):
     path = _write(tmp_path, TINY)
     assert compare.main(["--config", str(path), "--out", str(tmp_path / "o"), "--only",
                          "depth", "--no-plots"]) == 0
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["depth.csv", "depth.json"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["depth.csv", "depth.json",
+                                                                  "depth.md"]
+    assert (tmp_path / "o" / "depth.md").read_text().startswith("## depth (depth)\n\n| hidden")
     assert compare.main(["--config", str(path), "--only", "nope"]) == 2
     assert "no experiments named" in capsys.readouterr().err
 
@@ -347,7 +349,7 @@ def test_dst_runs_on_both_twins_alike(method, dtype):
 # ---- machine load in the results ------------------------------------------------------------
 
 def test_load_warning_rule():
-    from torch_nerva.compare.report import load_warning
+    from torch_nerva.compare.harness import load_warning
     quiet, busy = {"load1": 0.3}, {"load1": 1.4}
     assert load_warning(quiet, {"load1": 2.3}, threads=2, cpus=2) is None  # only the run itself
     assert "contaminated" in load_warning(busy, {"load1": 2.3}, threads=2, cpus=2)
@@ -366,7 +368,7 @@ def test_results_record_isa_threads_and_load(tmp_path, monkeypatch, capsys, load
         calls.append(load1)
         return {"load1": load1 + len(calls) / 100, "load5": 1.0, "load15": 1.0, "runnable": 1}
     monkeypatch.setattr(compare, "read_loadavg", fake_loadavg)
-    monkeypatch.setattr(compare.report, "_cpu_count", lambda: 2)
+    monkeypatch.setattr(compare.harness, "cpu_count", lambda: 2)
     out = tmp_path / "o"
     assert compare.main(["--config", str(_write(tmp_path, TINY)), "--out", str(out), "--only",
                          "depth", "--no-plots", "--threads", "1"]) == 0
