@@ -71,10 +71,11 @@ def group_by_density(rows: Sequence[Dict[str, Any]]) -> Dict[float, List[Dict[st
 def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str,
                    markdown: bool = False) -> str:
     acc = "syn-acc" if rows and rows[0]["dataset"].startswith("synthetic") else "acc"
+    model = exp.get("model", "mlp")
+    dense_name = "nn.Linear" if model == "mlp" else "dense"
     header = ["density", "nnz", "mask s/ep", "CSR s/ep", "speedup", f"{acc} mask", f"{acc} CSR",
-              "drift", "b1 mask us", "b1 CSR us", "b1 x", "b1 nn.Linear", "param MB m/c",
-              "peak MB m/c",
-              "disk MB c"]
+              "drift", "b1 mask us", "b1 CSR us", "b1 x", f"b1 {dense_name}", "param MB m/c",
+              "peak MB m/c", "disk MB c"]
     lines = []
     for density, group in group_by_density(rows).items():
         mask_s = median([s for r in group for s in r["mask_epoch_s"]])
@@ -101,10 +102,12 @@ def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: st
             f"times (forward+backward+SGD step+zero_grad; first step warm-up); speedup = mask / "
             f"CSR; acc: best test accuracy{' (mean+-std over seeds)' if seeds > 1 else ''}; "
             f"drift: max |loss mask - loss CSR| over the first {exp['check_steps']} steps; "
-            f"b1: batch-1 inference (median of {exp['inference_calls']} calls; nn.Linear: "
+            f"b1: batch-1 inference (median of {exp['inference_calls']} calls; {dense_name}: "
             f"the trained CSR weights densified, no mask product); param: "
             f"parameters+buffers; peak: peak tensor memory of a training step; disk: "
             f"torch.save(state_dict) of the CSR model."]
+    if model != "mlp":
+        text.append(model_note(rows, exp))
     if rows and rows[0].get("dst", "none") != "none":
         updates = [r for r in rows if r.get("dst_updates")]
         text.append(f"dynamic sparse training: {rows[0]['dst']} on both twins (same seed), "
@@ -125,9 +128,28 @@ def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: st
     return "\n".join(text)
 
 
+def model_note(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any]) -> str:
+    """What a CNN experiment's CSR twin is: its sparse layers and the backends they ran with,
+    per density, and the weights kept dense."""
+    per_density = []
+    for density, group in group_by_density(rows).items():
+        counts = group[0].get("csr_backends") or {}
+        per_density.append(f"{density:g}: " + ", ".join(f"{n} {b}" for b, n in
+                                                         sorted(counts.items())))
+    kept = rows[0].get("dense_weights") if rows else None
+    return (f"model {exp['model']} ({exp['distribution']} densities, backend "
+            f"{exp.get('backend', 'auto')}): convolutions and linear layers sparse but the first "
+            f"convolution and the classifier ({kept} weights, dense in both twins; nnz counts "
+            f"the sparse layers only); sparse layers by the backend they computed with: "
+            + "; ".join(per_density) + " (auto takes the dense path for a layer dense enough "
+            "that it is faster)")
+
+
 def format_inference(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str,
                      markdown: bool = False) -> str:
-    header = ["density", "nnz", "b1 mask us", "b1 CSR us", "speedup", "b1 nn.Linear us",
+    model = exp.get("model", "mlp")
+    dense_name = "nn.Linear" if model == "mlp" else "dense"
+    header = ["density", "nnz", "b1 mask us", "b1 CSR us", "speedup", f"b1 {dense_name} us",
               "param MB m/c", "disk MB m/c"]
     lines = []
     for density, group in group_by_density(rows).items():
@@ -140,8 +162,9 @@ def format_inference(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: 
                       f"{_mb(g0['param_bytes_mask'])}/{_mb(g0['param_bytes_csr'])}",
                       f"{_mb(g0['disk_bytes_mask'])}/{_mb(g0['disk_bytes_csr'])}"])
     return (_table(header, lines, markdown) + f"\nb1: batch-1 inference, median of "
-            f"{exp['inference_calls']} calls (eval, no_grad); nn.Linear: the same weights "
+            f"{exp['inference_calls']} calls (eval, no_grad); {dense_name}: the same weights "
             f"densified (torch_nerva.densify), no mask product; untrained models"
+            + (f"\n{model_note(rows, exp)}" if model != "mlp" else "")
             + (f"\nnote: {note}" if note else ""))
 
 
@@ -214,7 +237,8 @@ def plot_experiment(doc: Dict[str, Any], out: Path) -> List[Path]:
                            [("mask_s_per_epoch", "masked"), ("csr_s_per_epoch", "CSR")], True))
         series.append(("inference", "batch-1 inference time (us)",
                        [("infer_mask_us", "masked"), ("infer_csr_us", "CSR"),
-                        ("infer_dense_us", "dense nn.Linear")], True))
+                        ("infer_dense_us", "dense nn.Linear" if exp.get("model", "mlp") == "mlp"
+                         else "dense (densified)")], True))
         for suffix, ylabel, keys, logy in series:
             fig, ax = plt.subplots(figsize=(6, 4))
             for (key, label), color, marker in zip(keys, ("tab:orange", "tab:blue", "tab:gray"),
