@@ -106,12 +106,12 @@ def run_config(cfg, out: Path, only=None, threads: Optional[int] = None,
         log(f"== {exp['name']} ({exp['kind']}) | dataset {data.name} ({data.train_size} train / "
             f"{data.y_test.numel()} test) | {n_threads} threads | {cpu_model()}"
             + ("" if amp == "none" else f" | autocast {amp}"))
+        meta = environment()  # at the start: the code and machine state the run began with
         load_before = read_loadavg()
         start = time.perf_counter()
         rows = RUNNERS[exp["kind"]](exp, data, log)
         seconds = time.perf_counter() - start
         load_after = read_loadavg()
-        meta = environment()
         warning = load_warning(load_before, load_after, n_threads, meta["cpu_count"])
         del meta["loadavg"]  # loadavg_before and loadavg_after below say more
         meta.update(dataset=data.name, synthetic=data.synthetic, data_note=data.note,
