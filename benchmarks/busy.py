@@ -10,7 +10,7 @@ kernel to kill it when this process dies (``PR_SET_PDEATHSIG``), and it is stopp
 checks that the child is running on its core (its CPU time grows).
 
 Measured, for each condition (``idle``, ``loaded``) and thread count (``--threads`` and 1),
-each case interleaved with its masked twin (benchmarks/common.py ``time_interleaved``):
+each case interleaved with its masked twin (``torch_nerva.compare.harness.time_interleaved``):
 
 * ``layer``: SparseLinear 3072->1024, batch 100, forward + backward with the input gradient,
   per density;
@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 
 import torch_nerva as tn
-from common import environment, failure_status, restored_threads, time_interleaved, write_results
 from mlp_step import mlp
 from torch_nerva import graphchallenge as gc
-from torch_nerva.compare.report import read_loadavg
+from torch_nerva.compare.harness import (environment, failure_status, kernel_isa, read_loadavg,
+                                         restored_threads, time_interleaved, write_results)
 
 # The busy child: pin to one core, die with the parent, spin until the deadline.
 BUSY_CODE = r"""
@@ -537,14 +537,15 @@ def main(argv=None) -> int:
     """Run the benchmark; prints the table and writes busy.csv and busy.json."""
     args = parse_args(argv)
     with restored_threads(args.threads):
-        isa = environment({})["kernel_isa"]
+        isa = kernel_isa()
         print(f"# busy machine: layer {args.layer[0]}->{args.layer[1]}, MLP "
               f"{'-'.join(map(str, [3072, *args.hidden, 10]))}, batch {args.batch}; threads "
               f"{args.threads} and 1; busy process on CPU {args.busy_core} of "
               f"{sorted(os.sched_getaffinity(0))}; ISA {isa}; {args.rounds} idle/loaded "
               f"rounds of {args.reps} calls ({args.infer_reps} batch-1) per twin")
         rows, meta = run(args)
-    print(table(rows))
+    markdown = table(rows)
+    print(markdown)
     for r in rows:
         if r["case"] == "graphchallenge" and r["method"] == "csr" and r.get("median_us"):
             rate = args.gc_inputs * 32 * 1024 * args.gc_layers / (r["median_us"] * 1e-6)
@@ -552,8 +553,8 @@ def main(argv=None) -> int:
                   f"{r['threads']} threads, {r['condition']}: {rate:.3g} edges/s (median)")
     print("# med / p90 in ms (batch1, batch1_fused: us); CSR/masked = median ratio; slowdown = loaded median "
           "/ idle median; 2nd-thread speedup = 1-thread median / N-thread median")
-    csv_path = write_results(args.out, "busy", rows, FIELDS, meta)
-    print(f"# wrote {csv_path} and {csv_path.with_suffix('.json')}")
+    paths = write_results(args.out, "busy", rows, meta, fields=FIELDS, markdown=markdown)
+    print(f"# wrote {', '.join(map(str, paths))}")
     return 0
 
 

@@ -5,7 +5,7 @@
 The 3x3 (padding 1) layers of a ResNet-18 for CIFAR: 64->64 at 32x32, 128->128 at 16x16,
 256->256 at 8x8, 512->512 at 4x4. Per layer and density (random uniform pattern), the forward
 and the forward + backward (dX, dW / dvalues; no bias) of both are timed interleaved in one
-process (common.time_interleaved), medians over --reps rounds; ratio = sparse / dense time
+process (harness.time_interleaved), medians over --reps rounds; ratio = sparse / dense time
 (< 1: sparse is faster). Also timed in the same rounds: the masked twin (``weight * mask`` in
 every call, as MaskedConv2d; its ratio is sparse / masked) and, when PyPI ``sparseprop`` is
 installed, SparseProp's sparse conv (the faster of its two vectorisation orders; its ratio is
@@ -20,9 +20,9 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from common import quartiles, restored_threads, time_interleaved
 from torch_nerva import ops
-from torch_nerva.compare.report import cpu_model
+from torch_nerva.compare.harness import (cpu_model, quartiles, restored_threads,
+                                         time_interleaved)
 
 LAYERS = [(64, 32), (128, 16), (256, 8), (512, 4)]  # (channels, height = width)
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import torch_nerva as tn
-from common import (environment, failure_status, field, quartiles, restored_threads,
-                    time_interleaved, write_results)
+from torch_nerva.compare.harness import (environment, failure_status, field, quartiles,
+                                         restored_threads, time_interleaved, write_results)
 from mlp_step import CLASSES, IN_FEATURES, mlp, step_fn
 from torch_nerva import dst
 
@@ -133,8 +133,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(format_row(row))
         meta = environment(vars(args))
-    csv_path = write_results(args.out, "dst_update", rows, FIELDS, meta)
-    print(f"# wrote {csv_path} and {csv_path.with_suffix('.json')}")
+    paths = write_results(args.out, "dst_update", rows, meta, fields=FIELDS)
+    print(f"# wrote {', '.join(map(str, paths))}")
     return 0
 
 

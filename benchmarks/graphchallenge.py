@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, restored_threads, write_results  # noqa: E402
+from torch_nerva.compare.harness import environment, restored_threads, write_results  # noqa: E402
 
 from torch_nerva import graphchallenge as gc  # noqa: E402
 
@@ -130,8 +130,8 @@ def main(argv=None) -> int:
         print(f"threads {row['threads']} prune {str(row['prune']):5}: exact vs SciPy: "
               f"{row['exact_vs_scipy']}")
     meta = environment(s)
-    path = write_results(Path(s["out"]), "graphchallenge", rows, FIELDS, meta)
-    print(f"# wrote {path} and {path.with_suffix('.json')}")
+    paths = write_results(Path(s["out"]), "graphchallenge", rows, meta, fields=FIELDS)
+    print(f"# wrote {', '.join(map(str, paths))}")
     ok = all(r["exact_vs_scipy"] and r["exact_vs_official"] is not False for r in rows)
     return 0 if ok else 1
 

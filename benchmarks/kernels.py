@@ -8,7 +8,8 @@ built from a seeded generator, with its twins holding bit-identical weights:
 
   masked           MaskedLinear (dense weight * mask): the reference of every check and ratio
   nn_linear        plain nn.Linear holding the masked dense weight
-  torch_sparse_fn  a torch.sparse CSR autograd Function (defined below), what a user would write
+  torch_sparse_fn  torch_nerva's backend "torch": a torch.sparse CSR autograd Function
+                   (CSR matmul, sampled_addmm), what a user would write with torch.sparse alone
   sparseprop       SparseProp's SparseLinear, when `import sparseprop` works
   nerva_<backend>  torch_nerva for every backend of torch_nerva.backends.available() but
                    "torch" (which is torch_sparse_fn's method), and nerva_auto
@@ -34,15 +35,14 @@ import tomllib
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 import torch_nerva as tn
-from common import (environment, failure_status, quartiles, restored_threads, time_interleaved,
-                    write_results)
+from torch_nerva.compare.harness import (environment, failure_status, quartiles,
+                                         restored_threads, time_interleaved, write_results)
 
 MODES = ("forward", "fwd_bwd", "step", "infer1")
 DEFAULTS: Dict[str, Any] = {
@@ -57,70 +57,6 @@ FIELDS = ["threads", "in_features", "out_features", "density", "nnz", "batch", "
 TOL = dict(rtol=1e-4, atol=1e-4)
 LR = 0.01
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-
-
-# -- the torch.sparse baseline -----------------------------------------------------------------
-class TorchSparseFn(torch.autograd.Function):
-    """``y = (W x^T)^T + b`` with W a ``torch.sparse_csr_tensor``; dX through the CSR of W^T,
-    dvalues with ``torch.sparse.sampled_addmm``."""
-
-    @staticmethod
-    def forward(ctx, x, values, bias, crow, col, crow_t, col_t, perm, shape):
-        w = torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
-        y = (w @ x.t()).t()
-        if bias is not None:
-            y = y + bias
-        ctx.save_for_backward(x, values, crow, col, crow_t, col_t, perm)
-        ctx.shape = shape
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, values, crow, col, crow_t, col_t, perm = ctx.saved_tensors
-        out_f, in_f = ctx.shape
-        grad_x = grad_values = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            wt = torch.sparse_csr_tensor(crow_t, col_t, values[perm], (in_f, out_f),
-                                         check_invariants=False)
-            grad_x = (wt @ grad.t()).t()
-        if ctx.needs_input_grad[1]:
-            pattern = torch.sparse_csr_tensor(crow, col, torch.zeros_like(values), ctx.shape,
-                                              check_invariants=False)
-            grad_values = torch.sparse.sampled_addmm(pattern, grad.t().contiguous(), x,
-                                                     beta=0.0).values()
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(0)
-        return grad_x, grad_values, grad_bias, None, None, None, None, None, None
-
-
-class TorchSparseLinear(nn.Module):
-    """A linear layer on :class:`TorchSparseFn`: ``values`` and ``bias`` are the parameters,
-    the CSR indices of W and of W^T (with ``perm``: values_t = values[perm]) buffers."""
-
-    def __init__(self, crow: Tensor, col: Tensor, values: Tensor, bias: Optional[Tensor],
-                 shape) -> None:
-        super().__init__()
-        self.shape = tuple(shape)
-        self.values = nn.Parameter(values.detach().clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-        crow, col = crow.long(), col.long()
-        rows = torch.repeat_interleave(torch.arange(self.shape[0]), crow.diff())
-        perm = torch.argsort(col * self.shape[0] + rows)
-        counts = torch.bincount(col, minlength=self.shape[1])
-        for name, t in (("crow", crow), ("col", col), ("perm", perm), ("col_t", rows[perm]),
-                        ("crow_t", torch.cat([counts.new_zeros(1), counts.cumsum(0)]))):
-            self.register_buffer(name, t)
-
-    @classmethod
-    def from_sparse(cls, layer: tn.SparseLinear) -> "TorchSparseLinear":
-        """The same weights as the torch_nerva ``layer``."""
-        return cls(layer.crow_indices, layer.col_indices, layer.flat_values(), layer.bias,
-                   (layer.out_features, layer.in_features))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return TorchSparseFn.apply(x, self.values, self.bias, self.crow, self.col, self.crow_t,
-                                   self.col_t, self.perm, self.shape)
 
 
 # -- methods -----------------------------------------------------------------------------------
@@ -145,8 +81,8 @@ def build(name: str, sparse: tn.SparseLinear, masked: nn.Module) -> nn.Module:
         return sparse
     if name == "nn_linear":
         return tn.densify(masked)
-    if name == "torch_sparse_fn":
-        return TorchSparseLinear.from_sparse(sparse)
+    if name == "torch_sparse_fn":  # the library's pure torch.sparse backend (one implementation)
+        return tn.to_sparse(masked, backend="torch")
     if name == "sparseprop":
         from sparseprop.modules import SparseLinear as SparsePropLinear
         linear = tn.densify(masked)
@@ -156,7 +92,7 @@ def build(name: str, sparse: tn.SparseLinear, masked: nn.Module) -> nn.Module:
 
 def kept_weight_grad(layer: nn.Module, mask: Tensor) -> Tensor:
     """The gradient of the kept weights, in CSR (row-major) order."""
-    for name in ("values", "W_val"):  # torch_nerva and torch_sparse_fn; SparseProp
+    for name in ("values", "W_val"):  # torch_nerva (torch_sparse_fn too); SparseProp
         if hasattr(layer, name):
             return getattr(layer, name).grad.view(-1)
     return layer.weight.grad[mask]
@@ -435,8 +371,9 @@ def main(argv=None) -> int:
                     rows += point
     meta = environment(s)
     meta["notes"] = notes
-    csv_path = write_results(Path(s["out"]), "kernels", rows, FIELDS, meta)
-    print(f"# wrote {csv_path} and {csv_path.with_suffix('.json')}")
+    paths = write_results(Path(s["out"]), "kernels", rows, meta, fields=FIELDS)
+    print(f"# wrote {', '.join(map(str, paths))}")
+    csv_path = paths[0]
     try_plot(csv_path)
     return 0
 

@@ -6,7 +6,7 @@ Layer 3072 -> 1024 with bias, batch 100, at densities 0.001, 0.01 and 0.1 (unifo
 topology, the same for every dtype). Timed: a training pass of a hidden layer, i.e. forward and
 backward with the input gradient (dX), the values gradient and the bias gradient; gradients are
 reset untimed before each pass. The three dtypes of a density are timed interleaved
-(common.time_interleaved: rotated order, bursts whose first call is untimed), R repetitions;
+(harness.time_interleaved: rotated order, bursts whose first call is untimed), R repetitions;
 the table gives median and 90th percentile per dtype and the ratio of medians to float32 (< 1:
 faster than float32). Each dtype is first checked against float64 math on the same inputs.
 """
@@ -21,7 +21,8 @@ from typing import Any, Callable, Dict, List
 import torch
 
 import torch_nerva as tn
-from common import environment, field, restored_threads, time_interleaved, write_results
+from torch_nerva.compare.harness import (environment, field, restored_threads,
+                                         time_interleaved, write_results)
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 FIELDS = ["density", "nnz", "dtype", "median_ms", "p90_ms", "ratio_to_f32", "max_rel_err",
@@ -133,8 +134,8 @@ def main(argv=None) -> int:
                     print(format_row(row))
     finally:
         tn.ops.kernel_isa(old_isa)
-    csv_path = write_results(args.out, "mixed_precision", rows, FIELDS, meta)
-    print(f"# wrote {csv_path} and {csv_path.with_suffix('.json')}")
+    paths = write_results(args.out, "mixed_precision", rows, meta, fields=FIELDS)
+    print(f"# wrote {', '.join(map(str, paths))}")
     return 0
 
 

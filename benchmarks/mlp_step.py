@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_nerva as tn
-from common import (environment, failure_status, field, quartiles, restored_threads,
-                    time_interleaved, write_results)
+from torch_nerva.compare.harness import (environment, failure_status, field, quartiles,
+                                         restored_threads, time_interleaved, write_results)
 
 IN_FEATURES, CLASSES = 3072, 10
 FIELDS = ["density", "nnz", "masked_ms", "csr_ms", "speedup", "masked_b1_us", "csr_b1_us",
@@ -147,8 +147,8 @@ def main(argv=None) -> int:
             rows.append(run_density(density, args))
             print(format_row(rows[-1]))
         meta = environment(vars(args))
-    csv_path = write_results(args.out, "mlp_step", rows, FIELDS, meta)
-    print(f"# wrote {csv_path} and {csv_path.with_suffix('.json')}")
+    paths = write_results(args.out, "mlp_step", rows, meta, fields=FIELDS)
+    print(f"# wrote {', '.join(map(str, paths))}")
     return 0
 
 

@@ -8,7 +8,7 @@ stride 1, no max-pool). It is sparsified with ``sparsify(..., conv=True, distrib
 keeping the first conv (3 input channels) and the classifier ``fc`` dense, as the sparse
 training literature does; its masked twin comes from ``to_masked``. One step = forward,
 cross-entropy, backward, SGD (momentum 0.9) step, zero_grad, on a synthetic CIFAR-shaped batch;
-the three models are timed interleaved in one process (common.time_interleaved), medians over
+the three models are timed interleaved in one process (harness.time_interleaved), medians over
 ``--reps`` rounds. Printed: ms per step and the speedups of CSR over masked and over dense. A
 measurement, not a test.
 """
@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_nerva as tn
-from common import restored_threads, time_interleaved
-from torch_nerva.compare.report import cpu_model
+from torch_nerva.compare.harness import cpu_model, restored_threads, time_interleaved
 
 
 def cifar_resnet18() -> nn.Module:

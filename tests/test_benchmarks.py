@@ -33,8 +33,12 @@ def kernels_csv(tmp_path_factory):
 
 def test_kernels_quick_config(kernels_csv):
     rows = read_csv(kernels_csv)
-    meta = json.loads(kernels_csv.with_suffix(".json").read_text())
+    doc = json.loads(kernels_csv.with_suffix(".json").read_text())
+    meta = doc["meta"]
     assert meta["torch_version"] and meta["settings"]["reps"] == 2
+    assert meta["kernel_isa"] == torch.ops.torch_nerva._kernel_isa("") and meta["cpu_model"]
+    assert meta["threads"] >= 1 and meta["git_revision"] is not None
+    assert len(doc["rows"]) == len(rows)
     points = {(r["in_features"], r["out_features"], r["density"]) for r in rows}
     assert len(points) == 3
     for point in points:
@@ -48,6 +52,23 @@ def test_kernels_quick_config(kernels_csv):
                 assert float(got[method]["gflops"]) > 0
             assert float(got["masked"]["ratio"]) == 1.0
             assert got["nerva_auto"]["backend"] in ("native", "dense")
+            assert got["torch_sparse_fn"]["backend"] == "torch"  # the library's backend
+
+
+def test_benchmarks_share_the_harness():
+    """One environment record, one results writer and one torch.sparse implementation: the
+    benchmarks use torch_nerva.compare.harness and the library's "torch" backend."""
+    import inspect
+    from torch_nerva.compare import harness
+    for module in (dst_update, graphchallenge, kernels, mlp_step):
+        assert module.environment is harness.environment, module.__name__
+        assert module.write_results is harness.write_results, module.__name__
+    for path in (ROOT / "benchmarks").glob("*.py"):
+        text = path.read_text()
+        assert "autograd.Function" not in text, path.name
+        assert "def environment(" not in text and "def write_results(" not in text, path.name
+    assert not [c for _, c in inspect.getmembers(kernels, inspect.isclass)
+                if issubclass(c, torch.autograd.Function)]
 
 
 def test_kernels_plot(kernels_csv):
@@ -77,7 +98,8 @@ def test_mlp_step_tiny(tmp_path):
         for key in ("nnz", "masked_ms", "csr_ms", "speedup", "masked_b1_us", "csr_b1_us"):
             assert float(r[key]) > 0, key
         assert len(r["backends"].split()) == 3
-    assert json.loads((tmp_path / "mlp_step.json").read_text())["settings"]["hidden"] == [16, 8]
+    meta = json.loads((tmp_path / "mlp_step.json").read_text())["meta"]
+    assert meta["settings"]["hidden"] == [16, 8]
 
 
 def test_dst_update_tiny(tmp_path):
@@ -121,7 +143,7 @@ def test_graphchallenge_benchmark_tiny_run(tmp_path, capsys):
         ("1", "True"), ("1", "False"), ("2", "True"), ("2", "False")]
     assert all(r["exact_vs_scipy"] == "True" and float(r["rate"]) > 0 for r in rows)
     assert len({r["categories"] for r in rows}) == 1
-    meta = json.loads((tmp_path / "graphchallenge.json").read_text())
+    meta = json.loads((tmp_path / "graphchallenge.json").read_text())["meta"]
     assert meta["settings"]["neurons"] == 1024
     assert "edges/s" in capsys.readouterr().out
 

@@ -113,7 +113,8 @@ def test_quick_run_writes_every_row_and_leaves_no_busy_process(tmp_path, capsys)
             assert float(r["loaded_over_idle"]) > 0
         if r["threads"] == "2":
             assert float(r["speedup_vs_1_thread"]) > 0
-    meta = json.loads((tmp_path / "busy.json").read_text())
+    meta = json.loads((tmp_path / "busy.json").read_text())["meta"]
+    assert "| layer | 0.1 | 2 |" in (tmp_path / "busy.md").read_text()
     assert meta["kernel_isa"] and meta["cpu_model"] and meta["thread_counts"] == [2, 1]
     loaded = [b for b in meta["blocks"] if b["condition"] == "loaded"]
     assert len(loaded) == 1 and len(meta["blocks"]) == 2

@@ -9,7 +9,9 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import torch_nerva
 from torch_nerva import compare
 from torch_nerva.compare import config, data, experiments, memory
 
@@ -186,7 +188,9 @@ def test_only_selects_experiments_and_rejects_unknown_names(tmp_path, capsys):
     path = _write(tmp_path, TINY)
     assert compare.main(["--config", str(path), "--out", str(tmp_path / "o"), "--only",
                          "depth", "--no-plots"]) == 0
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["depth.csv", "depth.json"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["depth.csv", "depth.json",
+                                                                  "depth.md"]
+    assert (tmp_path / "o" / "depth.md").read_text().startswith("## depth (depth)\n\n| hidden")
     assert compare.main(["--config", str(path), "--only", "nope"]) == 2
     assert "no experiments named" in capsys.readouterr().err
 
@@ -347,7 +351,7 @@ def test_dst_runs_on_both_twins_alike(method, dtype):
 # ---- machine load in the results ------------------------------------------------------------
 
 def test_load_warning_rule():
-    from torch_nerva.compare.report import load_warning
+    from torch_nerva.compare.harness import load_warning
     quiet, busy = {"load1": 0.3}, {"load1": 1.4}
     assert load_warning(quiet, {"load1": 2.3}, threads=2, cpus=2) is None  # only the run itself
     assert "contaminated" in load_warning(busy, {"load1": 2.3}, threads=2, cpus=2)
@@ -366,7 +370,7 @@ def test_results_record_isa_threads_and_load(tmp_path, monkeypatch, capsys, load
         calls.append(load1)
         return {"load1": load1 + len(calls) / 100, "load5": 1.0, "load15": 1.0, "runnable": 1}
     monkeypatch.setattr(compare, "read_loadavg", fake_loadavg)
-    monkeypatch.setattr(compare.report, "_cpu_count", lambda: 2)
+    monkeypatch.setattr(compare.harness, "cpu_count", lambda: 2)
     out = tmp_path / "o"
     assert compare.main(["--config", str(_write(tmp_path, TINY)), "--out", str(out), "--only",
                          "depth", "--no-plots", "--threads", "1"]) == 0
@@ -379,3 +383,202 @@ def test_results_record_isa_threads_and_load(tmp_path, monkeypatch, capsys, load
         assert "contaminated" in meta["load_warning"] and "WARNING (depth)" in printed
     else:
         assert meta["load_warning"] is None and "WARNING" not in printed
+
+
+# ---- convolutional models -----------------------------------------------------------------------
+
+TINY_CNN = """
+title = "tiny-cnn"
+
+[[experiment]]
+kind = "density"
+name = "dcnn"
+model = "digits_cnn"
+dataset = "digits"
+channels = [4, 8]
+hidden = [16]
+distribution = "erk"
+densities = [1.0, 0.3]
+seeds = [0, 1]
+train_samples = 128
+test_samples = 64
+batch_size = 32
+epochs = 2
+lr = 0.05
+check_steps = 3
+inference_calls = 3
+
+[[experiment]]
+kind = "density"
+name = "resnet"
+model = "resnet18_cifar"
+dataset = "synthetic-cifar10"
+train_samples = 16
+test_samples = 8
+batch_size = 8
+distribution = "erk"
+densities = [0.02]
+backend = "native"
+epochs = 1
+lr = 0.05
+weight_decay = 5e-4
+check_steps = 2
+inference_calls = 2
+
+[[experiment]]
+kind = "inference"
+name = "dcnn-infer"
+model = "digits_cnn"
+dataset = "synthetic-digits"
+channels = [4, 8]
+hidden = [16]
+densities = [1.0, 0.2]
+train_samples = 32
+test_samples = 8
+inference_calls = 3
+"""
+
+
+def test_conv_configs_parse_and_model_keys_are_checked(tmp_path):
+    root = compare.config.default_config_path().parent
+    (dcnn,) = config.load(root / "digits_cnn.toml")["experiments"]
+    assert dcnn["model"] == "digits_cnn" and dcnn["dataset"] == "digits"
+    assert len(dcnn["seeds"]) >= 2 and 1.0 in dcnn["densities"] and len(dcnn["densities"]) >= 3
+    assert dcnn["channels"] and dcnn["hidden"] and dcnn["distribution"] == "erk"
+    resnet = config.load(root / "resnet_cifar.toml")["experiments"]
+    assert {e["model"] for e in resnet} == {"resnet18_cifar"}
+    assert all("hidden" not in e and "channels" not in e for e in resnet)
+    assert resnet[0]["densities"] == [1.0, 0.05, 0.01] and resnet[0]["dataset"] == "cifar10"
+    mlp = config.parse({"experiment": [{"kind": "density"}]})["experiments"][0]
+    assert mlp["model"] == "mlp" and "channels" not in mlp and mlp["backend"] == "auto"
+    cnn = config.parse({"experiment": [{"kind": "inference", "model": "digits_cnn"}]})
+    assert cnn["experiments"][0]["hidden"] == config.MODELS["digits_cnn"]["hidden"]
+    for body, message in [
+        ({"model": "resnet18_cifar", "hidden": [10]}, "do not apply to model 'resnet18_cifar'"),
+        ({"channels": [4]}, "do not apply to model 'mlp'"),
+        ({"model": "vgg"}, "model must be one of"),
+        ({"model": "digits_cnn", "backend": "torch"}, "backend must be one of auto, native"),
+        ({"backend": "fast"}, "backend must be one of"),
+        ({"model": "digits_cnn", "channels": [0]}, "positive integers"),
+    ]:
+        with pytest.raises(config.ConfigError, match=message):
+            config.parse({"experiment": [{"kind": "density", **body}]})
+    with pytest.raises(config.ConfigError, match="unknown keys"):
+        config.parse({"experiment": [{"kind": "depth", "model": "digits_cnn"}]})
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory):
+    pytest.importorskip("torchvision")
+    tmp = tmp_path_factory.mktemp("cnn")
+    out = tmp / "out"
+    assert compare.main(["--config", str(_write(tmp, TINY_CNN)), "--out", str(out),
+                         "--no-plots"]) == 0
+    return out
+
+
+def test_digits_cnn_tiny_run(cnn_run):
+    pytest.importorskip("sklearn")
+    doc = _doc(cnn_run, "dcnn")
+    meta, rows = doc["meta"], doc["rows"]
+    assert meta["kernel_isa"] == torch.ops.torch_nerva._kernel_isa("") and meta["threads"] >= 1
+    assert meta["dataset"] == "digits" and not meta["synthetic"]
+    assert [(r["density"], r["seed"]) for r in rows] == [(1.0, 0), (1.0, 1), (0.3, 0), (0.3, 1)]
+    sparse_weights = 4 * 8 * 9 + 8 * 16 * 16  # conv 4->8 and linear 128->16; the rest dense
+    for r in rows:
+        assert r["model"] == "digits_cnn" and r["dataset"] == "digits"
+        assert r["dense_weights"] == 1 * 4 * 9 + 16 * 10
+        assert len(r["layer_nnz"]) == 2 and sum(r["csr_backends"].values()) == 2
+        assert r["mask_s_per_epoch"] > 0 and r["csr_s_per_epoch"] > 0
+        assert len(r["mask_epoch_s"]) == len(r["csr_epoch_s"]) == 2
+        assert 0 <= r["best_acc_mask"] <= 1 and 0 <= r["best_acc_csr"] <= 1
+        assert r["loss_drift"] < 1e-4 and r["weight_drift"] < 1e-4 and r["drift_steps"] == 3
+        assert r["infer_mask_us"] > 0 and r["infer_csr_us"] > 0 and r["infer_dense_us"] > 0
+        assert r["peak_bytes_csr"] > 0 and r["disk_bytes_csr"] > 0
+    assert rows[0]["nnz"] == sparse_weights and rows[2]["nnz"] < 0.5 * sparse_weights
+    table = (cnn_run / "dcnn.md").read_text()
+    assert "| density |" in table and "b1 dense" in table and "first convolution" in table
+    with open(cnn_run / "dcnn.csv", newline="") as f:
+        assert json.loads(next(csv.DictReader(f))["layer_nnz"]) == rows[0]["layer_nnz"]
+
+
+def test_resnet18_cifar_tiny_run(cnn_run):
+    (row,) = _doc(cnn_run, "resnet")["rows"]
+    assert row["model"] == "resnet18_cifar" and row["dataset"] == "synthetic-cifar10"
+    # every convolution but the first is sparse, all on the native kernels (backend native)
+    assert row["csr_backends"] == {"native": 19} and len(row["layer_nnz"]) == 19
+    assert row["dense_weights"] == 3 * 64 * 9 + 512 * 10
+    assert row["mask_s_per_epoch"] > 0 and row["csr_s_per_epoch"] > 0
+    assert row["loss_drift"] < 1e-4 and row["weight_drift"] < 1e-4 and row["drift_steps"] == 2
+    assert row["param_bytes_csr"] < row["param_bytes_mask"]
+    (infer_a, infer_b) = _doc(cnn_run, "dcnn-infer")["rows"]
+    assert infer_a["model"] == "digits_cnn" and infer_b["nnz"] < infer_a["nnz"]
+    assert infer_b["infer_csr_us"] > 0 and infer_b["infer_dense_us"] > 0
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the torch_nerva ops that run (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name.startswith("torch_nerva."):
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("model,backend,density", [("digits_cnn", "auto", 0.05),
+                                                   ("resnet18_cifar", "auto", 0.01),
+                                                   ("resnet18_cifar", "native", 0.05)])
+def test_csr_twin_convs_run_the_sparse_conv_op(model, backend, density):
+    """The CSR twin's converted convolutions run torch_nerva's sparse conv op (forward and
+    backward): once per SparseConv2d whose resolved backend is native, which is how the
+    results count them; the masked twin runs none. Both twins start equal (float64)."""
+    if model == "resnet18_cifar":
+        pytest.importorskip("torchvision")
+    exp = config.parse({"experiment": [{"kind": "density", "model": model, "backend": backend,
+                                        "distribution": "erk", "dtype": "float64",
+                                        "dataset": "synthetic-cifar10"
+                                        if model == "resnet18_cifar" else "synthetic-digits"}]}
+                       )["experiments"][0]
+    ds = data.load_data(exp["dataset"], train_samples=4, test_samples=2)
+    ds.dtype = torch.float64
+    experiments.use_model_inputs(exp, ds)
+    masked, csr = experiments.build_model_twins(exp, ds, density, seed=0)
+    convs = [m for m in csr.modules() if isinstance(m, torch_nerva.SparseConv2d)]
+    sparse = [m for m in csr.modules() if isinstance(m, experiments.SPARSE_LAYERS)]
+    assert experiments.csr_backends(csr).get("native", 0) == sum(
+        m.resolved_backend == "native" for m in sparse)
+    native_convs = sum(m.resolved_backend == "native" for m in convs)
+    assert native_convs > 0
+    if backend == "native":
+        assert native_convs == len(convs)
+    x = ds.prepare(ds.x_train[:2])
+    y = ds.y_train[:2]
+    assert x.dim() == 4
+    if model == "resnet18_cifar":  # a smaller image: the same layers, a quarter of the work
+        x = x[..., 8:24, 8:24]
+    torch.testing.assert_close(csr(x), masked(x), rtol=1e-10, atol=1e-12)
+    for twin, expected in ((csr, native_convs), (masked, 0)):
+        with _OpCounter() as counter:
+            torch.nn.functional.cross_entropy(twin(x), y).backward()
+        assert counter.counts.get("torch_nerva.sparse_conv2d", 0) == expected
+        assert counter.counts.get("torch_nerva.sparse_conv2d_backward", 0) == expected
+
+
+def test_digits_images_are_scikit_learns():
+    datasets = pytest.importorskip("sklearn.datasets")
+    x, _ = data.digits_arrays()
+    ref = datasets.load_digits()
+    assert torch.equal(x.view(-1, 8, 8), torch.as_tensor(ref.images, dtype=torch.float32))
+    d = data.load_data("digits")
+    flat = d.prepare(d.x_train[:3])
+    d.flat = False
+    image = d.prepare(d.x_train[:3])
+    assert image.shape == (3, 1, 8, 8) and torch.equal(image.flatten(1), flat)
+    assert d.test_inputs().shape == (d.y_test.numel(), 1, 8, 8)
+    d.flat = True
+    assert d.test_inputs().shape == (d.y_test.numel(), 64)

@@ -29,8 +29,9 @@ from . import config as config_mod
 from .config import ConfigError
 from .data import Dataset, load_data
 from .experiments import RUNNERS, build_twins
-from .report import (FORMATTERS, cpu_model, environment, git_revision,
-                     load_warning, plot_experiment, read_loadavg, read_results, write_results)
+from .harness import (cpu_model, environment, git_revision, load_warning, read_loadavg,
+                      read_results, write_results)
+from .report import FORMATTERS, plot_experiment
 
 __all__ = ["main", "run_config", "load_data", "Dataset", "build_twins", "cpu_model",
            "git_revision", "ConfigError"]
@@ -105,13 +106,14 @@ def run_config(cfg, out: Path, only=None, threads: Optional[int] = None,
         log(f"== {exp['name']} ({exp['kind']}) | dataset {data.name} ({data.train_size} train / "
             f"{data.y_test.numel()} test) | {n_threads} threads | {cpu_model()}"
             + ("" if amp == "none" else f" | autocast {amp}"))
+        meta = environment()  # at the start: the code and machine state the run began with
         load_before = read_loadavg()
         start = time.perf_counter()
         rows = RUNNERS[exp["kind"]](exp, data, log)
         seconds = time.perf_counter() - start
         load_after = read_loadavg()
-        meta = environment()
         warning = load_warning(load_before, load_after, n_threads, meta["cpu_count"])
+        del meta["loadavg"]  # loadavg_before and loadavg_after below say more
         meta.update(dataset=data.name, synthetic=data.synthetic, data_note=data.note,
                     train_samples=data.train_size, test_samples=int(data.y_test.numel()),
                     seconds=seconds, config_title=cfg["title"], autocast=amp,
@@ -120,7 +122,9 @@ def run_config(cfg, out: Path, only=None, threads: Optional[int] = None,
         log(FORMATTERS[exp["kind"]](rows, exp, data.note))
         if warning:
             log(f"WARNING ({exp['name']}): {warning}")
-        for path in write_results(out, exp, rows, meta):
+        table = FORMATTERS[exp["kind"]](rows, exp, data.note, markdown=True)
+        for path in write_results(out, exp["name"], rows, meta, sections={"experiment": exp},
+                                  markdown=f"## {exp['name']} ({exp['kind']})\n\n{table}"):
             log(f"wrote {path}")
         doc = {"meta": meta, "experiment": exp, "rows": rows}
         if plots:

@@ -3,13 +3,16 @@
 A config is a TOML file with an optional top-level ``title`` and a list of ``[[experiment]]``
 tables, each with a ``kind``:
 
-- ``density``: the paper's main experiment. For every density and seed, an MLP is sparsified once
-  (ER/ERK/uniform), its masked twin made with ``to_masked`` (bit-identical weights), and both are
-  trained on the same batches in one process. Reports time per epoch, best test accuracy,
+- ``density``: the paper's main experiment. For every density and seed, a model is sparsified
+  once (ER/ERK/uniform), its masked twin made with ``to_masked`` (bit-identical weights), and both
+  are trained on the same batches in one process. ``model`` chooses it (see :data:`MODELS`): the
+  paper's ReLU MLP (``hidden`` layer widths), torchvision's ResNet-18 with the CIFAR stem, or a
+  small CNN for the 8x8 digits (``channels``, ``hidden``); the CNNs' convolutions are sparse too
+  (``sparsify(..., conv=True)``), their first convolution and classifier stay dense. Reports time per epoch, best test accuracy,
   batch-1 inference time, parameter bytes, peak tensor memory of a training step, on-disk size
   and the twins' drift over the first ``check_steps`` steps.
-- ``inference``: batch-1 inference time only (no training), per density.
-- ``depth``: time per epoch for 1..N hidden layers of one width at one density.
+- ``inference``: batch-1 inference time only (no training), per density (any ``model``).
+- ``depth``: time per epoch for 1..N MLP hidden layers of one width at one density.
 - ``width``: time per epoch and memory for a fixed number of hidden layers of growing width; the
   masked twin is skipped, with the memory it would need, when that exceeds the budget.
 - ``fssl``: fine-tuned structured sparsity per lambda (accuracy, nnz and neurons removed,
@@ -36,6 +39,24 @@ from . import fssl as _fssl  # the fssl kind keeps its keys and checks beside it
 
 KINDS = ("density", "inference", "depth", "width", "fssl")
 DATASETS = ("cifar10", "digits", "synthetic-cifar10", "synthetic-digits")
+BACKENDS = ("auto", "native", "dense", "torch", "mkl", "cusparse")  # torch_nerva.backends.NAMES
+CONV_BACKENDS = ("auto", "native", "dense")  # what SparseConv2d supports
+
+# The models of the density and inference kinds, with the keys only they take (and their
+# defaults): a key of another model is an error, as an unknown key is.
+#   mlp             the paper's ReLU MLP: input, ``hidden`` widths, classes; every layer sparse
+#   resnet18_cifar  torchvision's resnet18 with the CIFAR stem (3x3 stride-1 first conv, no
+#                   max-pool); convolutions sparse but the first, classifier (fc) dense
+#   digits_cnn      3x3 convolutions of ``channels`` (padding 1, ReLU, a 2x2 max-pool after each
+#                   but the first), then ReLU linear layers of ``hidden`` widths and the
+#                   classifier; convolutions sparse but the first, linear layers sparse but the
+#                   classifier
+MODELS: Dict[str, Dict[str, Any]] = {
+    "mlp": {"hidden": [1024, 512]},
+    "resnet18_cifar": {},
+    "digits_cnn": {"channels": [32, 64], "hidden": [128]},
+}
+MODEL_KEYS = {k for keys in MODELS.values() for k in keys}
 
 _COMMON = {
     "name": None,              # defaults to the kind (made unique by a suffix)
@@ -57,6 +78,9 @@ _COMMON = {
     # torch.autocast("cpu", dtype) with float32 weights (dtype must be float32); the logits are
     # returned in float32, so the loss is float32 as well
     "autocast": "none",
+    # torch_nerva backend of the sparse layers ("auto": per layer, the library's choice); the
+    # CNN models take auto, native or dense (SparseConv2d's)
+    "backend": "auto",
 }
 
 AUTOCAST = ("none", "bf16", "fp16")
@@ -64,7 +88,9 @@ AUTOCAST = ("none", "bf16", "fp16")
 DEFAULTS: Dict[str, Dict[str, Any]] = {
     "density": {
         **_COMMON,
+        "model": "mlp",                # see MODELS; its own keys (hidden, channels) below
         "hidden": [1024, 512],
+        "channels": [32, 64],
         "densities": [1.0, 0.1, 0.01],
         "epochs": 2,
         "lr": 0.01,
@@ -86,7 +112,9 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "inference": {
         **_COMMON,
         "dataset": "synthetic-cifar10",
+        "model": "mlp",
         "hidden": [1024, 512],
+        "channels": [32, 64],
         "densities": [1.0, 0.1, 0.01, 0.001],
         "inference_calls": 200,
     },
@@ -170,8 +198,16 @@ def _validate(exp: Dict[str, Any], where: str) -> None:
     _check_positive_ints(where, "test_samples", exp["test_samples"], allow_zero=True)
     if not 0 <= exp["momentum"] < 1:
         _fail(where, f"momentum must be in [0, 1), got {exp['momentum']!r}")
-    if kind in ("density", "inference"):
+    if exp["backend"] not in BACKENDS:
+        _fail(where, f"backend must be one of {', '.join(BACKENDS)}, got {exp['backend']!r}")
+    if exp.get("model", "mlp") != "mlp" and exp["backend"] not in CONV_BACKENDS:
+        _fail(where, f"model {exp['model']!r} has sparse convolutions: backend must be one of "
+                     f"{', '.join(CONV_BACKENDS)}, got {exp['backend']!r}")
+    if "hidden" in exp:
         _check_positive_ints(where, "hidden", exp["hidden"])
+    if "channels" in exp:
+        _check_positive_ints(where, "channels", exp["channels"])
+    if kind in ("density", "inference"):
         if not isinstance(exp["densities"], list) or not exp["densities"]:
             _fail(where, "densities must be a non-empty list")
         exp["densities"] = [_check_density(where, "densities", d) for d in exp["densities"]]
@@ -227,6 +263,24 @@ def _validate(exp: Dict[str, Any], where: str) -> None:
             _fail(where, f"lr must be a positive number or a table, got {lr!r}")
 
 
+def _apply_model(exp: Dict[str, Any], item: Dict[str, Any], where: str) -> None:
+    """Keep only the keys of ``exp["model"]`` (with its defaults); a key of another model given
+    in the config is an error."""
+    model = exp["model"]
+    if model not in MODELS:
+        _fail(where, f"model must be one of {', '.join(MODELS)}, got {model!r}")
+    own = MODELS[model]
+    foreign = sorted(k for k in item if k in MODEL_KEYS and k not in own)
+    if foreign:
+        _fail(where, f"keys {foreign} do not apply to model {model!r} (its keys: "
+                     f"{', '.join(sorted(own)) or 'none'})")
+    for key in MODEL_KEYS:
+        if key not in own:
+            exp.pop(key, None)
+        elif key not in item:
+            exp[key] = copy.deepcopy(own[key])
+
+
 def parse(doc: Dict[str, Any], source: str = "<config>") -> Dict[str, Any]:
     """Validate a parsed TOML document; returns ``{"title", "experiments": [...]}`` with every
     experiment completed from :data:`DEFAULTS`."""
@@ -252,6 +306,8 @@ def parse(doc: Dict[str, Any], source: str = "<config>") -> Dict[str, Any]:
         exp = copy.deepcopy(allowed)
         exp.update(copy.deepcopy(item))
         exp["kind"] = kind
+        if "model" in allowed:
+            _apply_model(exp, item, where)
         name = exp["name"] or kind
         base, n = name, 2
         while name in names:

@@ -5,7 +5,8 @@ Image sets are kept as uint8 ``(N, 3, 32, 32)`` and turned into float batches on
 (:meth:`Dataset.prepare`): scaled to [0, 1], optionally augmented (random crop with zero padding
 4 and horizontal flip, as in the paper), normalised per channel with the training set's mean and
 standard deviation, and flattened to ``(N, 3072)``. The digits are float features standardised
-with the training set's statistics.
+with the training set's statistics. For a convolutional model (``Dataset.flat = False``) the
+inputs keep their image shape instead: ``(N, 3, 32, 32)``, and ``(N, 1, 8, 8)`` for the digits.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch import Tensor
 from ..datasets import digits_arrays  # noqa: F401  (re-exported: the library owns it)
 
 DIGITS_SAMPLES, DIGITS_FEATURES, DIGITS_CLASSES = 1797, 64, 10
+DIGITS_SHAPE = (1, 8, 8)  # the 64 features are an 8x8 image, row by row
 CIFAR_TRAIN, CIFAR_TEST, CIFAR_CLASSES = 50000, 10000, 10
 TRAIN_FRACTION = 0.8  # of the digits
 DATA_SEED = 0         # subsets, splits and synthetic data do not depend on the run's seed
@@ -47,6 +49,10 @@ class Dataset:
     mean: Optional[Tensor] = None  # per channel, images only
     std: Optional[Tensor] = None
     dtype: torch.dtype = torch.float32  # of the model inputs (prepare, test_inputs)
+    # (channels, height, width) of one sample as an image; flat: model inputs (batch, features)
+    # for an MLP, else (batch, *sample_shape) for a CNN
+    sample_shape: Tuple[int, ...] = ()
+    flat: bool = True
     _test_cache: Optional[Tensor] = field(default=None, repr=False)
 
     @property
@@ -67,18 +73,21 @@ class Dataset:
 
     def prepare(self, x: Tensor, augment: bool = False,
                 generator: Optional[torch.Generator] = None) -> Tensor:
-        """``(batch, in_features)`` model input (of ``self.dtype``) from raw samples ``x``."""
+        """Model input (of ``self.dtype``) from raw samples ``x``: ``(batch, in_features)``,
+        or ``(batch, *sample_shape)`` when not ``flat``."""
         if not self.image:
-            return x.to(self.dtype)
+            x = x.to(self.dtype)
+            return x if self.flat else x.reshape(x.shape[0], *self.sample_shape)
         x = x.float().div_(255)
         if augment:
             x = random_crop_flip(x, generator)
         x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
-        return x.flatten(1).to(self.dtype)
+        return (x.flatten(1) if self.flat else x.contiguous()).to(self.dtype)
 
     def test_inputs(self) -> Tensor:
-        """The whole test set as model input (computed once)."""
-        if self._test_cache is None or self._test_cache.dtype != self.dtype:
+        """The whole test set as model input (computed once per dtype and shape)."""
+        cache = self._test_cache
+        if cache is None or cache.dtype != self.dtype or (cache.dim() == 2) != self.flat:
             self._test_cache = self.prepare(self.x_test)
         return self._test_cache
 
@@ -222,8 +231,9 @@ def load_data(name: str = "digits", data_dir: Path = Path("data"), download: boo
         print(f"torch_nerva.compare: {note}", file=sys.stderr)
     xtr, ytr = _subset(xtr, ytr, train_samples)
     xte, yte = _subset(xte, yte, test_samples)
-    data = Dataset(name, xtr, ytr, xte, yte, CIFAR_CLASSES if xtr.dtype == torch.uint8
-                   else DIGITS_CLASSES, note)
+    image = xtr.dtype == torch.uint8
+    data = Dataset(name, xtr, ytr, xte, yte, CIFAR_CLASSES if image else DIGITS_CLASSES, note,
+                   sample_shape=tuple(xtr.shape[1:]) if image else DIGITS_SHAPE)
     if data.image:
         data.mean, data.std = _channel_stats(xtr)
     return data

@@ -13,13 +13,15 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..convert import densify, sparsify, to_masked
+from ..convert import DenseWeightsWarning, densify, sparsify, to_masked
+from ..nn.conv import MaskedConv2d, SparseConv2d
 from ..nn.linear import MaskedLinear, SparseLinear
 from . import memory
 from .config import lr_for
@@ -47,19 +49,106 @@ def mlp_template(sizes: Sequence[int]) -> nn.Sequential:
 
 
 def build_csr(sizes: Sequence[int], density: float, seed: int,
-              distribution: str = "er", dtype: str = "float32") -> nn.Module:
+              distribution: str = "er", dtype: str = "float32",
+              backend: str = "auto") -> nn.Module:
     """The CSR MLP: topology and values drawn from a generator seeded with ``seed`` (in
     float32, then cast, so both dtypes start from the same weights)."""
     model = sparsify(mlp_template(sizes), density, distribution=distribution, device="cpu",
-                     generator=torch.Generator().manual_seed(seed))
+                     generator=torch.Generator().manual_seed(seed), backend=backend)
     return model.to(getattr(torch, dtype))
 
 
 def build_twins(sizes: Sequence[int], density: float, seed: int,
-                distribution: str = "er", dtype: str = "float32") -> Tuple[nn.Module, nn.Module]:
+                distribution: str = "er", dtype: str = "float32",
+                backend: str = "auto") -> Tuple[nn.Module, nn.Module]:
     """(masked, CSR) twins of the ReLU MLP with layer widths ``sizes``."""
-    csr = build_csr(sizes, density, seed, distribution, dtype)
+    csr = build_csr(sizes, density, seed, distribution, dtype, backend)
     return to_masked(csr), csr
+
+
+def cifar_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision's ``resnet18`` with the CIFAR stem: a 3x3 stride-1 first convolution and no
+    max-pool (as benchmarks/resnet_step.py and tests/test_conv.py build it)."""
+    try:
+        import torchvision
+    except ImportError as e:
+        raise RuntimeError(f"model 'resnet18_cifar' needs torchvision ({e}): pip install "
+                           f"torchvision") from None
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def digits_cnn(sample_shape: Sequence[int], channels: Sequence[int], hidden: Sequence[int],
+               num_classes: int) -> nn.Sequential:
+    """A small CNN: 3x3 convolutions (padding 1) of ``channels`` with ReLU, a 2x2 max-pool
+    after each but the first, then ReLU linear layers of ``hidden`` widths and the
+    classifier. For the 8x8 digits with channels [32, 64]: 8x8 -> 8x8 -> 4x4 x 64 = 1024
+    features."""
+    c, h, w = sample_shape
+    layers: List[nn.Module] = []
+    for i, out in enumerate(channels):
+        layers += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU()]
+        if i:
+            if min(h, w) < 2:
+                raise ValueError(f"digits_cnn: {len(channels)} convolutions pool a "
+                                 f"{sample_shape[1]}x{sample_shape[2]} input below 1x1")
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        c = out
+    layers.append(nn.Flatten())
+    features = c * h * w
+    for width in hidden:
+        layers += [nn.Linear(features, width), nn.ReLU()]
+        features = width
+    layers.append(nn.Linear(features, num_classes))
+    return nn.Sequential(*layers)
+
+
+def model_template(exp: Dict[str, Any], data: Dataset) -> Tuple[nn.Module, List[str]]:
+    """The dense model of ``exp["model"]`` for ``data`` and the names of its layers that stay
+    dense (CNNs: the first convolution and the classifier)."""
+    if exp["model"] == "resnet18_cifar":
+        model = cifar_resnet18(data.num_classes, data.sample_shape[0])
+    elif exp["model"] == "digits_cnn":
+        model = digits_cnn(data.sample_shape, exp["channels"], exp["hidden"], data.num_classes)
+    else:
+        raise ValueError(f"unknown model {exp['model']!r}")
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    first_conv = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    last_linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return model, [n for n in names if n in (first_conv, last_linear)]
+
+
+def build_model_twins(exp: Dict[str, Any], data: Dataset, density: float,
+                      seed: int) -> Tuple[nn.Module, nn.Module]:
+    """(masked, CSR) twins of the experiment's model: the MLP of :func:`build_twins`, or a CNN
+    whose convolutions and linear layers (but the first convolution and the classifier) are
+    sparsified with ``sparsify(..., conv=True)``. The dense layers' initial weights come from
+    ``torch.manual_seed(seed)`` (the global generator is restored afterwards), the sparse
+    layers' from a generator seeded with ``seed``; the masked twin is ``to_masked`` (the same
+    weights, bit for bit)."""
+    if exp["model"] == "mlp":
+        sizes = [data.in_features, *exp["hidden"], data.num_classes]
+        return build_twins(sizes, density, seed, exp["distribution"], exp["dtype"],
+                           exp["backend"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        template, dense = model_template(exp, data)
+    with warnings.catch_warnings():  # the layers kept dense are chosen, not a surprise
+        warnings.simplefilter("ignore", DenseWeightsWarning)
+        csr = sparsify(template, density, distribution=exp["distribution"], conv=True,
+                       filter_fn=lambda name, m: name not in dense, backend=exp["backend"],
+                       generator=torch.Generator().manual_seed(seed))
+    csr = csr.to(getattr(torch, exp["dtype"]))
+    return to_masked(csr), csr
+
+
+def use_model_inputs(exp: Dict[str, Any], data: Dataset) -> None:
+    """Shape ``data``'s model inputs for the experiment's model: flat for the MLP, images for
+    the CNNs."""
+    data.flat = exp.get("model", "mlp") == "mlp"
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,8 +178,29 @@ def with_autocast(model: Optional[nn.Module], exp: Dict[str, Any]) -> Optional[n
     return AutocastForward(model, AUTOCAST_DTYPES[exp["autocast"]])
 
 
+SPARSE_LAYERS = (SparseLinear, SparseConv2d)
+MASKED_LAYERS = (MaskedLinear, MaskedConv2d)
+
+
 def layer_nnz(model: nn.Module) -> List[int]:
-    return [m.nnz for m in model.modules() if isinstance(m, (SparseLinear, MaskedLinear))]
+    """Nonzeros of every sparse (or masked) layer, in module order."""
+    return [m.nnz for m in model.modules() if isinstance(m, SPARSE_LAYERS + MASKED_LAYERS)]
+
+
+def dense_weights(model: nn.Module) -> int:
+    """Weights of the plain ``nn.Linear`` and ``nn.Conv2d`` layers (those kept dense)."""
+    return sum(m.weight.numel() for m in model.modules()
+               if type(m) in (nn.Linear, nn.Conv2d))
+
+
+def csr_backends(model: nn.Module) -> Dict[str, int]:
+    """How many sparse layers compute with each backend (``resolved_backend``: with backend
+    ``auto``, a layer dense enough takes the dense path)."""
+    counts: Dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, SPARSE_LAYERS):
+            counts[m.resolved_backend] = counts.get(m.resolved_backend, 0) + 1
+    return counts
 
 
 def disk_bytes(model: nn.Module) -> int:
@@ -144,12 +254,13 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 1000) -> float
 
 @torch.no_grad()
 def batch1_inference_us(models: Sequence[nn.Module], x: Tensor, calls: int) -> List[float]:
-    """Median microseconds of a batch-1 forward per model (eval mode, no_grad), after warm-up,
-    the models timed call by call in turn with the order rotated."""
+    """Median microseconds of a batch-1 forward per model (eval mode, no_grad), after
+    min(10, calls) warm-up calls each, the models timed call by call in turn with the order
+    rotated."""
     x = x[:1]
     for model in models:
         model.eval()
-        for _ in range(10):
+        for _ in range(min(10, calls)):
             model(x)
     times: List[List[float]] = [[] for _ in models]
     for call in range(calls):
@@ -170,12 +281,16 @@ def _progress(total: int, desc: str):
 
 
 def weight_drift(masked: nn.Module, csr: nn.Module) -> float:
-    """Largest |masked weight - CSR value| over the nonzeros, and over the biases."""
+    """Largest |masked weight - CSR value| over the nonzeros and over the biases of the sparse
+    layers, and over every parameter of the layers both keep dense."""
     drift = 0.0
-    for m, s in zip((m for m in masked.modules() if isinstance(m, MaskedLinear)),
-                    (m for m in csr.modules() if isinstance(m, SparseLinear))):
+    for a, b in zip(_dense_parameters(masked), _dense_parameters(csr)):
+        if a.numel():
+            drift = max(drift, (a.detach() - b.detach()).abs().max().item())
+    for m, s in zip((m for m in masked.modules() if isinstance(m, MASKED_LAYERS)),
+                    (m for m in csr.modules() if isinstance(m, SPARSE_LAYERS))):
         positions = s.layout.positions()
-        w = m._weight().detach().flatten()[positions]
+        w = m.dense_weight().detach().flatten()[positions]
         drift = max(drift, (w - s.flat_values().detach()).abs().max().item() if w.numel() else 0.0)
         if m.bias is not None:
             drift = max(drift, (m.bias.detach() - s.bias.detach()).abs().max().item())
@@ -185,11 +300,12 @@ def weight_drift(masked: nn.Module, csr: nn.Module) -> float:
 # -- density -----------------------------------------------------------------------------------
 def run_density(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) -> List[Row]:
     """One row per (density, seed): the paper's main table."""
-    sizes = [data.in_features, *exp["hidden"], data.num_classes]
+    exp = {"model": "mlp", "backend": "auto", **exp}
+    use_model_inputs(exp, data)
     rows = []
     for density in exp["densities"]:
         for seed in exp["seeds"]:
-            row = train_twins(exp, data, sizes, density, seed)
+            row = train_twins(exp, data, density, seed)
             log(f"  density {density:g} seed {seed}: mask {_fmt_s(row['mask_s_per_epoch'])} "
                 f"CSR {_fmt_s(row['csr_s_per_epoch'])} per epoch, acc mask "
                 f"{row['best_acc_mask']:.4f} CSR {row['best_acc_csr']:.4f}")
@@ -201,10 +317,10 @@ def _fmt_s(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:.3f}s"
 
 
-def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], density: float,
-                seed: int) -> Row:
-    """Train the masked and CSR twins side by side on the same batches; one result row."""
-    masked, csr = build_twins(sizes, density, seed, exp["distribution"], exp["dtype"])
+def train_twins(exp: Dict[str, Any], data: Dataset, density: float, seed: int) -> Row:
+    """Train the masked and CSR twins of the experiment's model side by side on the same
+    batches; one result row."""
+    masked, csr = build_model_twins(exp, data, density, seed)
     twins = (with_autocast(masked, exp), with_autocast(csr, exp))
     lr = lr_for(exp, density)
     optimizers = [make_optimizer(m, exp, lr) for m in twins]
@@ -288,11 +404,14 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
     mask_s, csr_s = (median(t) for t in epoch_times)
     return {
         "dataset": data.name,
+        "model": exp["model"],
         "density": density,
         "seed": seed,
         "lr": lr,
         "nnz": sum(layer_nnz(csr)),
         "layer_nnz": layer_nnz(csr),
+        "dense_weights": dense_weights(csr),
+        "csr_backends": csr_backends(csr),
         "mask_s_per_epoch": mask_s,
         "csr_s_per_epoch": csr_s,
         "speedup": ratio(mask_s, csr_s),
@@ -324,13 +443,22 @@ def train_twins(exp: Dict[str, Any], data: Dataset, sizes: Sequence[int], densit
     }
 
 
+def _dense_parameters(model: nn.Module) -> List[Tensor]:
+    """The parameters of every module that is not a sparse or masked layer (kept-dense layers,
+    batch norms), in module order."""
+    inside = {id(sub) for m in model.modules() if isinstance(m, SPARSE_LAYERS + MASKED_LAYERS)
+              for sub in m.modules()}
+    return [p for m in model.modules() if id(m) not in inside
+            for p in m.parameters(recurse=False)]
+
+
 def topology_difference(csr: nn.Module, masked: nn.Module) -> float:
-    """The fraction of connections that differ between every SparseLinear of ``csr`` and its
-    MaskedLinear twin (0: identical topologies)."""
+    """The fraction of connections that differ between every sparse layer of ``csr`` and its
+    masked twin (0: identical topologies)."""
     differ = total = 0
-    for s, m in zip((m for m in csr.modules() if isinstance(m, SparseLinear)),
-                    (m for m in masked.modules() if isinstance(m, MaskedLinear))):
-        differ += int((s.mask != m.mask).sum()) // 2
+    for s, m in zip((m for m in csr.modules() if isinstance(m, SPARSE_LAYERS)),
+                    (m for m in masked.modules() if isinstance(m, MASKED_LAYERS))):
+        differ += int((s.mask.flatten() != m.mask.flatten()).sum()) // 2
         total += s.nnz
     return differ / total if total else 0.0
 
@@ -338,17 +466,20 @@ def topology_difference(csr: nn.Module, masked: nn.Module) -> float:
 # -- inference ---------------------------------------------------------------------------------
 def run_inference(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) -> List[Row]:
     """Batch-1 inference time and model size per density (untrained models)."""
-    sizes = [data.in_features, *exp["hidden"], data.num_classes]
+    exp = {"model": "mlp", "backend": "auto", **exp}
+    use_model_inputs(exp, data)
     x = data.test_inputs()[:1]
     rows = []
     for density in exp["densities"]:
         for seed in exp["seeds"]:
-            masked, csr = build_twins(sizes, density, seed, exp["distribution"], exp["dtype"])
+            masked, csr = build_model_twins(exp, data, density, seed)
             infer = batch1_inference_us([with_autocast(m, exp) for m in
                                          (masked, csr, densify(csr))], x,
                                         exp["inference_calls"])
             rows.append({
-                "density": density, "seed": seed, "nnz": sum(layer_nnz(csr)),
+                "model": exp["model"], "density": density, "seed": seed,
+                "nnz": sum(layer_nnz(csr)), "dense_weights": dense_weights(csr),
+                "csr_backends": csr_backends(csr),
                 "infer_mask_us": infer[0], "infer_csr_us": infer[1],
                 "infer_speedup": ratio(infer[0], infer[1]), "infer_dense_us": infer[2],
                 "param_bytes_mask": memory.model_bytes(masked),
@@ -395,9 +526,11 @@ def run_depth(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) ->
     """Time per epoch for 1..N hidden layers of one width at one density."""
     rows = []
     seed = exp["seeds"][0]
+    use_model_inputs(exp, data)
     for depth in exp["depths"]:
         sizes = [data.in_features, *([exp["width"]] * depth), data.num_classes]
-        masked, csr = build_twins(sizes, exp["density"], seed, exp["distribution"], exp["dtype"])
+        masked, csr = build_twins(sizes, exp["density"], seed, exp["distribution"], exp["dtype"],
+                                  exp.get("backend", "auto"))
         step_s = time_steps((with_autocast(masked, exp), with_autocast(csr, exp)), exp, data,
                             seed, f"depth {depth}")
         mask_s, csr_s = (_epoch_seconds(s, exp) for s in step_s)
@@ -416,6 +549,7 @@ def run_width(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) ->
     budget = (exp["memory_budget_gb"] * 2**30 if exp["memory_budget_gb"]
               else 0.8 * available if available else float("inf"))
     seed = exp["seeds"][0]
+    use_model_inputs(exp, data)
     rows = []
     for width in exp["widths"]:
         sizes = [data.in_features, *([width] * exp["layers"]), data.num_classes]
@@ -424,7 +558,8 @@ def run_width(exp: Dict[str, Any], data: Dataset, log: Callable[[str], None]) ->
         row: Row = {"width": width, "layers": exp["layers"], "density": exp["density"],
                     "dense_weights": sum(o * i for o, i in memory.layer_shapes(sizes)),
                     "estimated_bytes_mask": need_mask, "budget_bytes": budget}
-        csr = build_csr(sizes, exp["density"], seed, exp["distribution"], exp["dtype"])
+        csr = build_csr(sizes, exp["density"], seed, exp["distribution"], exp["dtype"],
+                        exp.get("backend", "auto"))
         nnz = layer_nnz(csr)
         need_csr = scale * memory.estimate_training_bytes(sizes, nnz, exp["batch_size"], False)
         row.update(nnz=sum(nnz), estimated_bytes_csr=need_csr)

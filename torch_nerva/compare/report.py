@@ -1,156 +1,19 @@
-"""Tables, result files and plots of the comparison.
+"""Tables and plots of the comparison.
 
-Each experiment writes ``<name>.csv`` (one line per result row, lists as JSON text) and
-``<name>.json`` (``{"meta": environment, "experiment": its config, "rows": [...]}``); plots are
-drawn from those saved rows (:func:`plot_experiment`), so ``--plot-only DIR`` redraws them
-without rerunning anything.
+Each experiment's results are written by the harness (:func:`.harness.write_results`):
+``<name>.csv`` (one line per result row, lists as JSON text), ``<name>.json`` (``{"meta":
+environment, "experiment": its config, "rows": [...]}``) and ``<name>.md`` (the table below in
+markdown); plots are drawn from those saved rows (:func:`plot_experiment`), so ``--plot-only DIR``
+redraws them without rerunning anything.
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
-import platform
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
-
-from .. import __version__
-
-
-# -- environment -------------------------------------------------------------------------------
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what :mod:`platform` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def git_revision() -> Optional[str]:
-    """The commit of the checkout holding this file (``-dirty`` appended when tracked files
-    differ from it), or None outside a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=here,
-                               capture_output=True, timeout=10).returncode != 0
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{head}-dirty" if dirty else head
-
-
-def environment() -> Dict[str, Any]:
-    return {
-        "torch_version": torch.__version__,
-        "torch_nerva_version": __version__,
-        "threads": torch.get_num_threads(),
-        "kernel_isa": kernel_isa(),
-        "cpu_model": cpu_model(),
-        "cpu_count": _cpu_count(),
-        "platform": platform.platform(),
-        "python_version": platform.python_version(),
-        "git_revision": git_revision(),
-    }
-
-
-def kernel_isa() -> Optional[str]:
-    """The instruction set the native kernels run with (``torch_nerva.ops.kernel_isa()``), or
-    None when the extension does not report it."""
-    from .. import ops
-    try:
-        return ops.kernel_isa()
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def read_loadavg() -> Optional[Dict[str, float]]:
-    """The machine's load averages from /proc/loadavg (``load1``, ``load5``, ``load15``: the
-    mean number of runnable or uninterruptible tasks over 1, 5 and 15 minutes, exponentially
-    weighted) and ``runnable`` (tasks runnable at this instant, this process included); None
-    where /proc/loadavg cannot be read (not Linux)."""
-    try:
-        with open("/proc/loadavg", encoding="ascii") as f:
-            fields = f.read().split()
-        return {"load1": float(fields[0]), "load5": float(fields[1]),
-                "load15": float(fields[2]), "runnable": int(fields[3].split("/")[0])}
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def load_warning(before: Optional[Dict[str, float]], after: Optional[Dict[str, float]],
-                 threads: int, cpus: Optional[int]) -> Optional[str]:
-    """A warning when other work loaded the machine during a timed run, else None.
-
-    The rule: ``other`` = max(1-min load before the run, 1-min load after it minus
-    ``threads``) estimates the load that is not this run's own (the run itself adds at most
-    ``threads`` runnable threads to the average after it, and nothing before it). The warning
-    fires when ``other > cpus - threads + 0.5``: the run's threads plus the other work need more
-    cores than there are (by more than half a core), so some of the run's threads waited for a
-    core and its timings, the native kernels' above all, are contaminated. On 2 cores with 2
-    threads that is ``other > 0.5``; with 1 thread, ``other > 1.5``. Unknown loads (no
-    /proc/loadavg) or CPU count give None."""
-    if not cpus or (before is None and after is None):
-        return None
-    estimates = []
-    if before is not None:
-        estimates.append(before["load1"])
-    if after is not None:
-        estimates.append(after["load1"] - threads)
-    other = max(estimates)
-    limit = cpus - threads + 0.5
-    if other <= limit:
-        return None
-    seen = ", ".join(f"{v['load1']:.2f} {when}" for v, when in ((before, "before"),
-                                                               (after, "after")) if v)
-    return (f"the machine was loaded during this run: about {other:.2f} runnable tasks besides "
-            f"it (1-min load average {seen}) on {cpus} CPUs with {threads} threads (limit "
-            f"{limit:.2f}): timings are contaminated, rerun on a quiet machine or with fewer "
-            f"threads")
-
-
-def _cpu_count() -> Optional[int]:
-    import os
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count()
-
-
-# -- files -------------------------------------------------------------------------------------
-def write_results(out: Path, exp: Dict[str, Any], rows: Sequence[Dict[str, Any]],
-                  meta: Dict[str, Any]) -> List[Path]:
-    """``<out>/<name>.csv`` and ``<out>/<name>.json``; returns their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    name = exp["name"]
-    fields: List[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    csv_path, json_path = out / f"{name}.csv", out / f"{name}.json"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v
-                             for k, v in r.items()})
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "experiment": exp, "rows": list(rows)}, f, indent=2)
-        f.write("\n")
-    return [csv_path, json_path]
-
-
-def read_results(path: Path) -> Dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+from .harness import markdown_table
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -186,7 +49,10 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or not b else a / b
 
 
-def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]], markdown: bool = False) -> str:
+    """Aligned plain text, or a markdown table with ``markdown``."""
+    if markdown:
+        return markdown_table(header, lines) + "\n"
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
               for i, h in enumerate(header)]
     out = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
@@ -202,12 +68,14 @@ def group_by_density(rows: Sequence[Dict[str, Any]]) -> Dict[float, List[Dict[st
     return groups
 
 
-def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) -> str:
+def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str,
+                   markdown: bool = False) -> str:
     acc = "syn-acc" if rows and rows[0]["dataset"].startswith("synthetic") else "acc"
+    model = exp.get("model", "mlp")
+    dense_name = "nn.Linear" if model == "mlp" else "dense"
     header = ["density", "nnz", "mask s/ep", "CSR s/ep", "speedup", f"{acc} mask", f"{acc} CSR",
-              "drift", "b1 mask us", "b1 CSR us", "b1 x", "b1 nn.Linear", "param MB m/c",
-              "peak MB m/c",
-              "disk MB c"]
+              "drift", "b1 mask us", "b1 CSR us", "b1 x", f"b1 {dense_name}", "param MB m/c",
+              "peak MB m/c", "disk MB c"]
     lines = []
     for density, group in group_by_density(rows).items():
         mask_s = median([s for r in group for s in r["mask_epoch_s"]])
@@ -229,15 +97,17 @@ def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: st
             _mb(g0["disk_bytes_csr"]),
         ])
     seeds = len(exp["seeds"])
-    text = [_table(header, lines),
+    text = [_table(header, lines, markdown),
             f"s/ep: median over epochs{' and seeds' if seeds > 1 else ''} of the summed step "
             f"times (forward+backward+SGD step+zero_grad; first step warm-up); speedup = mask / "
             f"CSR; acc: best test accuracy{' (mean+-std over seeds)' if seeds > 1 else ''}; "
             f"drift: max |loss mask - loss CSR| over the first {exp['check_steps']} steps; "
-            f"b1: batch-1 inference (median of {exp['inference_calls']} calls; nn.Linear: "
+            f"b1: batch-1 inference (median of {exp['inference_calls']} calls; {dense_name}: "
             f"the trained CSR weights densified, no mask product); param: "
             f"parameters+buffers; peak: peak tensor memory of a training step; disk: "
             f"torch.save(state_dict) of the CSR model."]
+    if model != "mlp":
+        text.append(model_note(rows, exp))
     if rows and rows[0].get("dst", "none") != "none":
         updates = [r for r in rows if r.get("dst_updates")]
         text.append(f"dynamic sparse training: {rows[0]['dst']} on both twins (same seed), "
@@ -258,8 +128,28 @@ def format_density(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: st
     return "\n".join(text)
 
 
-def format_inference(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) -> str:
-    header = ["density", "nnz", "b1 mask us", "b1 CSR us", "speedup", "b1 nn.Linear us",
+def model_note(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any]) -> str:
+    """What a CNN experiment's CSR twin is: its sparse layers and the backends they ran with,
+    per density, and the weights kept dense."""
+    per_density = []
+    for density, group in group_by_density(rows).items():
+        counts = group[0].get("csr_backends") or {}
+        per_density.append(f"{density:g}: " + ", ".join(f"{n} {b}" for b, n in
+                                                         sorted(counts.items())))
+    kept = rows[0].get("dense_weights") if rows else None
+    return (f"model {exp['model']} ({exp['distribution']} densities, backend "
+            f"{exp.get('backend', 'auto')}): convolutions and linear layers sparse but the first "
+            f"convolution and the classifier ({kept} weights, dense in both twins; nnz counts "
+            f"the sparse layers only); sparse layers by the backend they computed with: "
+            + "; ".join(per_density) + " (auto takes the dense path for a layer dense enough "
+            "that it is faster)")
+
+
+def format_inference(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str,
+                     markdown: bool = False) -> str:
+    model = exp.get("model", "mlp")
+    dense_name = "nn.Linear" if model == "mlp" else "dense"
+    header = ["density", "nnz", "b1 mask us", "b1 CSR us", "speedup", f"b1 {dense_name} us",
               "param MB m/c", "disk MB m/c"]
     lines = []
     for density, group in group_by_density(rows).items():
@@ -271,29 +161,32 @@ def format_inference(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: 
                       _f(ratio(b1m, b1c), ".2f", "x"), _f(b1d, ".1f"),
                       f"{_mb(g0['param_bytes_mask'])}/{_mb(g0['param_bytes_csr'])}",
                       f"{_mb(g0['disk_bytes_mask'])}/{_mb(g0['disk_bytes_csr'])}"])
-    return (_table(header, lines) + f"\nb1: batch-1 inference, median of "
-            f"{exp['inference_calls']} calls (eval, no_grad); nn.Linear: the same weights "
+    return (_table(header, lines, markdown) + f"\nb1: batch-1 inference, median of "
+            f"{exp['inference_calls']} calls (eval, no_grad); {dense_name}: the same weights "
             f"densified (torch_nerva.densify), no mask product; untrained models"
+            + (f"\n{model_note(rows, exp)}" if model != "mlp" else "")
             + (f"\nnote: {note}" if note else ""))
 
 
-def format_depth(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) -> str:
+def format_depth(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str,
+                 markdown: bool = False) -> str:
     header = ["hidden layers", "nnz", "mask s/ep", "CSR s/ep", "speedup"]
     lines = [[str(r["depth"]), str(r["nnz"]), _f(r["mask_s_per_epoch"], ".2f"),
               _f(r["csr_s_per_epoch"], ".2f"), _f(r["speedup"], ".2f", "x")] for r in rows]
-    return (_table(header, lines) + f"\nwidth {exp['width']}, density {exp['density']:g}; s/ep = "
-            f"median of {exp['steps']} timed steps x {exp['samples_per_epoch']} / "
-            f"{exp['batch_size']} steps per epoch" + (f"\nnote: {note}" if note else ""))
+    return (_table(header, lines, markdown) + f"\nwidth {exp['width']}, density "
+            f"{exp['density']:g}; s/ep = median of {exp['steps']} timed steps x "
+            f"{exp['samples_per_epoch']} / {exp['batch_size']} steps per epoch" + (f"\nnote: {note}" if note else ""))
 
 
-def format_width(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) -> str:
+def format_width(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str,
+                 markdown: bool = False) -> str:
     header = ["width", "nnz", "mask s/ep", "CSR s/ep", "speedup", "mask peak MB",
               "CSR peak MB", "mask needs GB (est.)", "note"]
     lines = [[str(r["width"]), str(r["nnz"]), _f(r["mask_s_per_epoch"], ".2f"),
               _f(r["csr_s_per_epoch"], ".2f"), _f(r["speedup"], ".2f", "x"),
               _mb(r["peak_bytes_mask"]), _mb(r["peak_bytes_csr"]),
               f"{r['estimated_bytes_mask'] / 2**30:.3g}", r["note"] or "-"] for r in rows]
-    return (_table(header, lines) + f"\n{exp['layers']} hidden layers, density "
+    return (_table(header, lines, markdown) + f"\n{exp['layers']} hidden layers, density "
             f"{exp['density']:g}; s/ep = median of {exp['steps']} timed steps x steps per epoch; "
             f"peak: peak tensor memory of a training step" + (f"\nnote: {note}" if note else ""))
 
@@ -344,7 +237,8 @@ def plot_experiment(doc: Dict[str, Any], out: Path) -> List[Path]:
                            [("mask_s_per_epoch", "masked"), ("csr_s_per_epoch", "CSR")], True))
         series.append(("inference", "batch-1 inference time (us)",
                        [("infer_mask_us", "masked"), ("infer_csr_us", "CSR"),
-                        ("infer_dense_us", "dense nn.Linear")], True))
+                        ("infer_dense_us", "dense nn.Linear" if exp.get("model", "mlp") == "mlp"
+                         else "dense (densified)")], True))
         for suffix, ylabel, keys, logy in series:
             fig, ax = plt.subplots(figsize=(6, 4))
             for (key, label), color, marker in zip(keys, ("tab:orange", "tab:blue", "tab:gray"),
