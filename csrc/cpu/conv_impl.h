@@ -326,6 +326,212 @@ void conv_input_grad_small(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) 
   }
 }
 
+// Large planes (flat path, float, ho * wo > 64): the register kernels above over TILES of the
+// plane, kConvTile = 8 vectors (128 pixels) each, the last one V = the vectors left. Per tap,
+// ConvArgs::out_bits / in_bits hold a bitset of the output pixels it reaches / the input pixels
+// it reads (flat index, out_words / in_words 64-bit words per tap); the 16 bits of vector v of a
+// tile at pixel p0 (a multiple of 64) are word p0 / 64 + v / 4, bits 16 * (v % 4) on. Per
+// nonzero, a tile is V masked loads and V FMAs into registers (two accumulator sets, even and
+// odd nonzeros); the plane is written once per tile. Replaces the per-nonzero masked AXPY over
+// the whole plane (mask load, compare, load y, load x, FMA, store y per vector).
+constexpr int kConvTile = 8;
+
+inline __mmask16 conv_bits16(const uint64_t* bits, int v) {
+  return static_cast<__mmask16>(bits[v >> 2] >> (16 * (v & 3)));
+}
+
+// Calls f(std::integral_constant<int, V>{}, p0) for the tiles of a plane of `pixels` pixels.
+template <typename F>
+inline void conv_for_tiles(int64_t pixels, const F& f) {
+  for (int64_t p0 = 0; p0 < pixels; p0 += 16 * kConvTile) {
+    const int64_t left = (pixels - p0 + 15) / 16;
+    switch (left >= kConvTile ? kConvTile : left) {
+      case 8: f(std::integral_constant<int, 8>{}, p0); break;
+      case 7: f(std::integral_constant<int, 7>{}, p0); break;
+      case 6: f(std::integral_constant<int, 6>{}, p0); break;
+      case 5: f(std::integral_constant<int, 5>{}, p0); break;
+      case 4: f(std::integral_constant<int, 4>{}, p0); break;
+      case 3: f(std::integral_constant<int, 3>{}, p0); break;
+      case 2: f(std::integral_constant<int, 2>{}, p0); break;
+      default: f(std::integral_constant<int, 1>{}, p0); break;
+    }
+  }
+}
+
+// Forward on tiles: item it = n * c_out + co, its tiles one after the other, each over all
+// nonzeros of row co.
+template <int V, typename I>
+inline void conv_forward_tile(const ConvArgs<float, I>& a, const float* xg, int64_t k0,
+                              int64_t k1, int64_t p0, float b, float* yp) {
+  const int64_t plane_out = a.ho * a.wo, w0 = p0 >> 6;
+  __m512 acc0[V], acc1[V];
+  for (int v = 0; v < V; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
+  auto add = [&](int64_t k, __m512* acc) {
+    const int64_t q = a.nz_tap[k];
+    const ConvTap& tp = a.taps[q];
+    const uint64_t* bits = a.out_bits + q * a.out_words + w0;
+    const __m512 vv = _mm512_set1_ps(a.values[k]);
+    // x of output pixel j is xb[j] (stride 1, wo == w); only the tap's lanes are read
+    const float* xb = xg + a.nz_xoff[k] + (tp.x0 - tp.y0) + p0;
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 m = conv_bits16(bits, v);
+      acc[v] = _mm512_mask3_fmadd_ps(vv, _mm512_maskz_loadu_ps(m, xb + 16 * v), acc[v], m);
+    }
+  };
+  int64_t k = k0;
+  for (; k + 1 < k1; k += 2) {
+    add(k, acc0);
+    add(k + 1, acc1);
+  }
+  if (k < k1) add(k, acc0);
+  const __m512 bv = _mm512_set1_ps(b);
+  for (int v = 0; v < V; ++v) {
+    _mm512_mask_storeu_ps(yp + p0 + 16 * v, conv_tail16(plane_out - p0 - 16 * v),
+                          _mm512_add_ps(bv, _mm512_add_ps(acc0[v], acc1[v])));
+  }
+}
+
+template <typename I>
+void conv_forward_tiles(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) {
+  const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo;
+  const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
+  for (int64_t it = i0; it < i1; ++it) {
+    const int64_t n = it / a.c_out, co = it % a.c_out, g = co / cout_g;
+    const float* xg = a.x + (n * a.c_in + g * cin_g) * plane_in;
+    const int64_t k0 = a.crow[co], k1 = a.crow[co + 1];
+    const float b = a.bias ? a.bias[co] : 0.0f;
+    float* yp = a.y + it * plane_out;
+    conv_for_tiles(plane_out, [&](auto vc, int64_t p0) {
+      conv_forward_tile<decltype(vc)::value>(a, xg, k0, k1, p0, b, yp);
+    });
+  }
+}
+
+// Input gradient on tiles: item it = n * c_in + ci; per tile, every tap's stretch of W^T (the
+// nonzeros of ci's group, found once per item), the tap's lanes loaded once per tile and tap.
+template <int V, typename I>
+inline void conv_input_grad_tile(const ConvArgs<float, I>& a, const float* gn,
+                                 const int64_t* stretch, int64_t p0, float* dp) {
+  const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo, w0 = p0 >> 6;
+  const int64_t khw = a.kh * a.kw;
+  __m512 acc0[V], acc1[V];
+  for (int v = 0; v < V; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < khw; ++q) {
+    const int64_t t0 = stretch[2 * q], t1 = stretch[2 * q + 1];
+    if (t0 >= t1) continue;
+    const ConvTap& tp = a.taps[q];
+    const uint64_t* bits = a.in_bits + q * a.in_words + w0;
+    __mmask16 m[V];
+    for (int v = 0; v < V; ++v) m[v] = conv_bits16(bits, v);
+    // dx pixel i takes grad pixel i - (x0 - y0); only the tap's lanes are read
+    const float* gb = gn - (tp.x0 - tp.y0) + p0;
+    auto add = [&](int64_t t, __m512* acc) {
+      const __m512 vv = _mm512_set1_ps(a.values[a.perm[t]]);
+      const float* gp = gb + a.col_t[t] * plane_out;
+      for (int v = 0; v < V; ++v) {
+        acc[v] = _mm512_mask3_fmadd_ps(vv, _mm512_maskz_loadu_ps(m[v], gp + 16 * v), acc[v],
+                                       m[v]);
+      }
+    };
+    int64_t t = t0;
+    for (; t + 1 < t1; t += 2) {
+      add(t, acc0);
+      add(t + 1, acc1);
+    }
+    if (t < t1) add(t, acc0);
+  }
+  for (int v = 0; v < V; ++v) {
+    _mm512_mask_storeu_ps(dp + p0 + 16 * v, conv_tail16(plane_in - p0 - 16 * v),
+                          _mm512_add_ps(acc0[v], acc1[v]));
+  }
+}
+
+template <typename I>
+void conv_input_grad_tiles(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) {
+  const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo;
+  const int64_t khw = a.kh * a.kw;
+  const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
+  std::vector<int64_t> stretch(2 * khw);
+  for (int64_t it = i0; it < i1; ++it) {
+    const int64_t n = it / a.c_in, ci = it % a.c_in, g = ci / cin_g, cl = ci % cin_g;
+    const int64_t co_lo = g * cout_g, co_hi = co_lo + cout_g;
+    for (int64_t q = 0; q < khw; ++q) {
+      const int64_t c = cl * khw + q;
+      int64_t t0 = a.crow_t[c], t1 = a.crow_t[c + 1];
+      if (a.groups > 1) {  // the stretch of co in [co_lo, co_hi) (col_t sorted)
+        int64_t lo = t0, hi = t1;
+        while (lo < hi) {
+          const int64_t mid = lo + (hi - lo) / 2;
+          if (a.col_t[mid] < co_lo) lo = mid + 1; else hi = mid;
+        }
+        t0 = lo, hi = t1;
+        while (lo < hi) {
+          const int64_t mid = lo + (hi - lo) / 2;
+          if (a.col_t[mid] < co_hi) lo = mid + 1; else hi = mid;
+        }
+        t1 = lo;
+      }
+      stretch[2 * q] = t0, stretch[2 * q + 1] = t1;
+    }
+    const float* gn = a.grad + n * a.c_out * plane_out;
+    float* dp = a.dx + it * plane_in;
+    conv_for_tiles(plane_in, [&](auto vc, int64_t p0) {
+      conv_input_grad_tile<decltype(vc)::value>(a, gn, stretch.data(), p0, dp);
+    });
+  }
+}
+
+// Values gradient on tiles: rows [r0, r1) of W, images outer (the chunk's rows read image n's
+// planes while they are in cache), one vector accumulator per nonzero (acc, in memory) summed
+// lane-wise over (image, tile, vector) in that fixed order, reduced once at the end. Per tile,
+// the output-gradient tile (n, co) is V registers reused by every nonzero of row co.
+template <int V, typename I>
+inline void conv_values_grad_tile(const ConvArgs<float, I>& a, const float* gp, const float* xn,
+                                  int64_t k0, int64_t k1, int64_t p0, float* acc) {
+  const int64_t plane_out = a.ho * a.wo, w0 = p0 >> 6;
+  __m512 gv[V];
+  for (int v = 0; v < V; ++v) {
+    gv[v] = _mm512_maskz_loadu_ps(conv_tail16(plane_out - p0 - 16 * v), gp + p0 + 16 * v);
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t q = a.nz_tap[k];
+    const ConvTap& tp = a.taps[q];
+    const uint64_t* bits = a.out_bits + q * a.out_words + w0;
+    const float* xb = xn + a.nz_xoff[k] + (tp.x0 - tp.y0) + p0;
+    __m512 s0 = _mm512_load_ps(acc + 16 * (k - k0)), s1 = _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 m = conv_bits16(bits, v);
+      const __m512 xv = _mm512_maskz_loadu_ps(m, xb + 16 * v);
+      if (v & 1) s1 = _mm512_fmadd_ps(gv[v], xv, s1); else s0 = _mm512_fmadd_ps(gv[v], xv, s0);
+    }
+    _mm512_store_ps(acc + 16 * (k - k0), _mm512_add_ps(s0, s1));
+  }
+}
+
+template <typename I>
+void conv_values_grad_tiles(const ConvArgs<float, I>& a, int64_t r0, int64_t r1) {
+  const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo;
+  const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
+  const int64_t base = a.crow[r0];
+  const int64_t nnz = (int64_t)a.crow[r1] - base;
+  std::vector<float> buf(16 * nnz + 16, 0.0f);  // nnz vectors, 64-byte aligned
+  float* acc = buf.data() + (16 - reinterpret_cast<uintptr_t>(buf.data()) / 4 % 16) % 16;
+  for (int64_t n = 0; n < a.n; ++n) {
+    for (int64_t co = r0; co < r1; ++co) {
+      const int64_t g = co / cout_g, k0 = a.crow[co], k1 = a.crow[co + 1];
+      if (k0 == k1) continue;
+      const float* gp = a.grad + (n * a.c_out + co) * plane_out;
+      const float* xn = a.x + (n * a.c_in + g * cin_g) * plane_in;
+      conv_for_tiles(plane_out, [&](auto vc, int64_t p0) {
+        conv_values_grad_tile<decltype(vc)::value>(a, gp, xn, k0, k1, p0, acc + 16 * (k0 - base));
+      });
+    }
+  }
+  for (int64_t k = 0; k < nnz; ++k) {
+    a.dvalues[base + k] = _mm512_reduce_add_ps(_mm512_load_ps(acc + 16 * k));
+  }
+}
+
 template <typename I>
 void (*conv_input_grad_small_for(const ConvArgs<float, I>& a))(const ConvArgs<float, I>&,
                                                                int64_t, int64_t) {
@@ -333,17 +539,19 @@ void (*conv_input_grad_small_for(const ConvArgs<float, I>& a))(const ConvArgs<fl
   const int64_t p = a.h * a.w;
   return p <= 16 ? &conv_input_grad_small<1, I> : p <= 32 ? &conv_input_grad_small<2, I>
        : p <= 48 ? &conv_input_grad_small<3, I> : p <= 64 ? &conv_input_grad_small<4, I>
-       : nullptr;
+       : &conv_input_grad_tiles<I>;
 }
 
-// The small-plane kernel for this geometry, or null (the general kernels then run).
+// The register kernel for this geometry (small plane or tiles), or null (the general kernels
+// then run).
 template <typename I>
 void (*conv_forward_small_for(const ConvArgs<float, I>& a))(const ConvArgs<float, I>&, int64_t,
                                                             int64_t) {
   if (!a.colmask || !(a.flat & kConvFlatForward)) return nullptr;
   const int64_t p = a.ho * a.wo;
   return p <= 16 ? &conv_forward_small<1, I> : p <= 32 ? &conv_forward_small<2, I>
-       : p <= 48 ? &conv_forward_small<3, I> : p <= 64 ? &conv_forward_small<4, I> : nullptr;
+       : p <= 48 ? &conv_forward_small<3, I> : p <= 64 ? &conv_forward_small<4, I>
+       : &conv_forward_tiles<I>;
 }
 template <typename I>
 void (*conv_values_grad_small_for(const ConvArgs<float, I>& a))(const ConvArgs<float, I>&,
@@ -356,7 +564,7 @@ void (*conv_values_grad_small_for(const ConvArgs<float, I>& a))(const ConvArgs<f
          : p <= 32 ? &conv_values_grad_small_batch<2, I>
          : p <= 48 ? &conv_values_grad_small_batch<3, I>
          : p <= 64 ? &conv_values_grad_small_batch<4, I>
-                   : nullptr;
+                   : &conv_values_grad_tiles<I>;
 }
 #endif
 
