@@ -328,17 +328,13 @@ void conv_input_grad_small(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) 
 
 // Large planes (flat path, float, ho * wo > 64): the register kernels above over TILES of the
 // plane, kConvTile = 8 vectors (128 pixels) each, the last one V = the vectors left. Per tap,
-// ConvArgs::out_bits / in_bits hold a bitset of the output pixels it reaches / the input pixels
-// it reads (flat index, out_words / in_words 64-bit words per tap); the 16 bits of vector v of a
-// tile at pixel p0 (a multiple of 64) are word p0 / 64 + v / 4, bits 16 * (v % 4) on. Per
-// nonzero, a tile is V masked loads and V FMAs into registers (two accumulator sets, even and
-// odd nonzeros); the plane is written once per tile. Replaces the per-nonzero masked AXPY over
-// the whole plane (mask load, compare, load y, load x, FMA, store y per vector).
+// ConvArgs::out_lanes / in_lanes hold the 16-bit lane mask of every vector of the output pixels
+// it reaches / the input pixels it reads. Per nonzero, a tile is V masked loads and V FMAs into
+// registers (two accumulator sets, even and odd nonzeros); the plane is written once per tile.
+// Replaces the per-nonzero masked AXPY over the whole plane (mask load, compare, load y, load x,
+// FMA, store y per vector). The loops over v are unrolled so that the accumulators stay in
+// registers (a lambda taking them by pointer made GCC keep them on the stack).
 constexpr int kConvTile = 8;
-
-inline __mmask16 conv_bits16(const uint64_t* bits, int v) {
-  return static_cast<__mmask16>(bits[v >> 2] >> (16 * (v & 3)));
-}
 
 // Calls f(std::integral_constant<int, V>{}, p0) for the tiles of a plane of `pixels` pixels.
 template <typename F>
@@ -359,32 +355,49 @@ inline void conv_for_tiles(int64_t pixels, const F& f) {
 }
 
 // Forward on tiles: item it = n * c_out + co, its tiles one after the other, each over all
-// nonzeros of row co.
+// nonzeros of row co (x of output pixel j of nonzero k is xg[nz_xoff[k] + x0 - y0 + j]; only
+// the tap's lanes are read).
 template <int V, typename I>
 inline void conv_forward_tile(const ConvArgs<float, I>& a, const float* xg, int64_t k0,
                               int64_t k1, int64_t p0, float b, float* yp) {
-  const int64_t plane_out = a.ho * a.wo, w0 = p0 >> 6;
+  const int64_t plane_out = a.ho * a.wo, nv = a.out_vecs;
+  const uint16_t* lanes = a.out_lanes + p0 / 16;
+  const float* xt = xg + p0;
   __m512 acc0[V], acc1[V];
+#pragma GCC unroll 8
   for (int v = 0; v < V; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
-  auto add = [&](int64_t k, __m512* acc) {
-    const int64_t q = a.nz_tap[k];
-    const ConvTap& tp = a.taps[q];
-    const uint64_t* bits = a.out_bits + q * a.out_words + w0;
-    const __m512 vv = _mm512_set1_ps(a.values[k]);
-    // x of output pixel j is xb[j] (stride 1, wo == w); only the tap's lanes are read
-    const float* xb = xg + a.nz_xoff[k] + (tp.x0 - tp.y0) + p0;
-    for (int v = 0; v < V; ++v) {
-      const __mmask16 m = conv_bits16(bits, v);
-      acc[v] = _mm512_mask3_fmadd_ps(vv, _mm512_maskz_loadu_ps(m, xb + 16 * v), acc[v], m);
-    }
-  };
   int64_t k = k0;
   for (; k + 1 < k1; k += 2) {
-    add(k, acc0);
-    add(k + 1, acc1);
+    const int64_t qa = a.nz_tap[k], qb = a.nz_tap[k + 1];
+    const uint16_t* ma = lanes + qa * nv;
+    const uint16_t* mb = lanes + qb * nv;
+    const float* xa = xt + a.nz_xoff[k] + (a.taps[qa].x0 - a.taps[qa].y0);
+    const float* xb = xt + a.nz_xoff[k + 1] + (a.taps[qb].x0 - a.taps[qb].y0);
+    const __m512 va = _mm512_set1_ps(a.values[k]), vb = _mm512_set1_ps(a.values[k + 1]);
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 m = ma[v];
+      acc0[v] = _mm512_mask3_fmadd_ps(va, _mm512_maskz_loadu_ps(m, xa + 16 * v), acc0[v], m);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 m = mb[v];
+      acc1[v] = _mm512_mask3_fmadd_ps(vb, _mm512_maskz_loadu_ps(m, xb + 16 * v), acc1[v], m);
+    }
   }
-  if (k < k1) add(k, acc0);
+  if (k < k1) {
+    const int64_t qa = a.nz_tap[k];
+    const uint16_t* ma = lanes + qa * nv;
+    const float* xa = xt + a.nz_xoff[k] + (a.taps[qa].x0 - a.taps[qa].y0);
+    const __m512 va = _mm512_set1_ps(a.values[k]);
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 m = ma[v];
+      acc0[v] = _mm512_mask3_fmadd_ps(va, _mm512_maskz_loadu_ps(m, xa + 16 * v), acc0[v], m);
+    }
+  }
   const __m512 bv = _mm512_set1_ps(b);
+#pragma GCC unroll 8
   for (int v = 0; v < V; ++v) {
     _mm512_mask_storeu_ps(yp + p0 + 16 * v, conv_tail16(plane_out - p0 - 16 * v),
                           _mm512_add_ps(bv, _mm512_add_ps(acc0[v], acc1[v])));
@@ -408,38 +421,50 @@ void conv_forward_tiles(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) {
 }
 
 // Input gradient on tiles: item it = n * c_in + ci; per tile, every tap's stretch of W^T (the
-// nonzeros of ci's group, found once per item), the tap's lanes loaded once per tile and tap.
+// nonzeros of ci's group, found once per item); dx pixel i takes grad pixel i - (x0 - y0), only
+// the tap's lanes are read.
 template <int V, typename I>
 inline void conv_input_grad_tile(const ConvArgs<float, I>& a, const float* gn,
                                  const int64_t* stretch, int64_t p0, float* dp) {
-  const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo, w0 = p0 >> 6;
+  const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo, nv = a.in_vecs;
   const int64_t khw = a.kh * a.kw;
   __m512 acc0[V], acc1[V];
+#pragma GCC unroll 8
   for (int v = 0; v < V; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
   for (int64_t q = 0; q < khw; ++q) {
     const int64_t t0 = stretch[2 * q], t1 = stretch[2 * q + 1];
     if (t0 >= t1) continue;
     const ConvTap& tp = a.taps[q];
-    const uint64_t* bits = a.in_bits + q * a.in_words + w0;
-    __mmask16 m[V];
-    for (int v = 0; v < V; ++v) m[v] = conv_bits16(bits, v);
-    // dx pixel i takes grad pixel i - (x0 - y0); only the tap's lanes are read
+    const uint16_t* m = a.in_lanes + q * nv + p0 / 16;
     const float* gb = gn - (tp.x0 - tp.y0) + p0;
-    auto add = [&](int64_t t, __m512* acc) {
-      const __m512 vv = _mm512_set1_ps(a.values[a.perm[t]]);
-      const float* gp = gb + a.col_t[t] * plane_out;
-      for (int v = 0; v < V; ++v) {
-        acc[v] = _mm512_mask3_fmadd_ps(vv, _mm512_maskz_loadu_ps(m[v], gp + 16 * v), acc[v],
-                                       m[v]);
-      }
-    };
     int64_t t = t0;
     for (; t + 1 < t1; t += 2) {
-      add(t, acc0);
-      add(t + 1, acc1);
+      const __m512 va = _mm512_set1_ps(a.values[a.perm[t]]);
+      const __m512 vb = _mm512_set1_ps(a.values[a.perm[t + 1]]);
+      const float* ga = gb + a.col_t[t] * plane_out;
+      const float* gc = gb + a.col_t[t + 1] * plane_out;
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        const __mmask16 mv = m[v];
+        acc0[v] = _mm512_mask3_fmadd_ps(va, _mm512_maskz_loadu_ps(mv, ga + 16 * v), acc0[v], mv);
+      }
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        const __mmask16 mv = m[v];
+        acc1[v] = _mm512_mask3_fmadd_ps(vb, _mm512_maskz_loadu_ps(mv, gc + 16 * v), acc1[v], mv);
+      }
     }
-    if (t < t1) add(t, acc0);
+    if (t < t1) {
+      const __m512 va = _mm512_set1_ps(a.values[a.perm[t]]);
+      const float* ga = gb + a.col_t[t] * plane_out;
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        const __mmask16 mv = m[v];
+        acc0[v] = _mm512_mask3_fmadd_ps(va, _mm512_maskz_loadu_ps(mv, ga + 16 * v), acc0[v], mv);
+      }
+    }
   }
+#pragma GCC unroll 8
   for (int v = 0; v < V; ++v) {
     _mm512_mask_storeu_ps(dp + p0 + 16 * v, conv_tail16(plane_in - p0 - 16 * v),
                           _mm512_add_ps(acc0[v], acc1[v]));
@@ -488,23 +513,26 @@ void conv_input_grad_tiles(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) 
 template <int V, typename I>
 inline void conv_values_grad_tile(const ConvArgs<float, I>& a, const float* gp, const float* xn,
                                   int64_t k0, int64_t k1, int64_t p0, float* acc) {
-  const int64_t plane_out = a.ho * a.wo, w0 = p0 >> 6;
+  const int64_t plane_out = a.ho * a.wo, nv = a.out_vecs;
+  const uint16_t* lanes = a.out_lanes + p0 / 16;
+  const float* xt = xn + p0;
   __m512 gv[V];
+#pragma GCC unroll 8
   for (int v = 0; v < V; ++v) {
     gv[v] = _mm512_maskz_loadu_ps(conv_tail16(plane_out - p0 - 16 * v), gp + p0 + 16 * v);
   }
   for (int64_t k = k0; k < k1; ++k) {
     const int64_t q = a.nz_tap[k];
-    const ConvTap& tp = a.taps[q];
-    const uint64_t* bits = a.out_bits + q * a.out_words + w0;
-    const float* xb = xn + a.nz_xoff[k] + (tp.x0 - tp.y0) + p0;
-    __m512 s0 = _mm512_load_ps(acc + 16 * (k - k0)), s1 = _mm512_setzero_ps();
+    const uint16_t* m = lanes + q * nv;
+    const float* xb = xt + a.nz_xoff[k] + (a.taps[q].x0 - a.taps[q].y0);
+    float* ak = acc + 16 * (k - k0);
+    __m512 s0 = _mm512_load_ps(ak), s1 = _mm512_setzero_ps();
+#pragma GCC unroll 8
     for (int v = 0; v < V; ++v) {
-      const __mmask16 m = conv_bits16(bits, v);
-      const __m512 xv = _mm512_maskz_loadu_ps(m, xb + 16 * v);
+      const __m512 xv = _mm512_maskz_loadu_ps(m[v], xb + 16 * v);
       if (v & 1) s1 = _mm512_fmadd_ps(gv[v], xv, s1); else s0 = _mm512_fmadd_ps(gv[v], xv, s0);
     }
-    _mm512_store_ps(acc + 16 * (k - k0), _mm512_add_ps(s0, s1));
+    _mm512_store_ps(ak, _mm512_add_ps(s0, s1));
   }
 }
 
@@ -512,8 +540,7 @@ template <typename I>
 void conv_values_grad_tiles(const ConvArgs<float, I>& a, int64_t r0, int64_t r1) {
   const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo;
   const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
-  const int64_t base = a.crow[r0];
-  const int64_t nnz = (int64_t)a.crow[r1] - base;
+  const int64_t base = a.crow[r0], nnz = (int64_t)a.crow[r1] - base;
   std::vector<float> buf(16 * nnz + 16, 0.0f);  // nnz vectors, 64-byte aligned
   float* acc = buf.data() + (16 - reinterpret_cast<uintptr_t>(buf.data()) / 4 % 16) % 16;
   for (int64_t n = 0; n < a.n; ++n) {
@@ -522,8 +549,9 @@ void conv_values_grad_tiles(const ConvArgs<float, I>& a, int64_t r0, int64_t r1)
       if (k0 == k1) continue;
       const float* gp = a.grad + (n * a.c_out + co) * plane_out;
       const float* xn = a.x + (n * a.c_in + g * cin_g) * plane_in;
+      float* ak = acc + 16 * (k0 - base);
       conv_for_tiles(plane_out, [&](auto vc, int64_t p0) {
-        conv_values_grad_tile<decltype(vc)::value>(a, gp, xn, k0, k1, p0, acc + 16 * (k0 - base));
+        conv_values_grad_tile<decltype(vc)::value>(a, gp, xn, k0, k1, p0, ak);
       });
     }
   }
