@@ -150,38 +150,89 @@ inline double conv_dot_masked(const double* __restrict g, const double* __restri
 // Small planes (flat path, float, ho * wo <= 16 * V, V <= 4): an output plane is V registers.
 // The forward keeps the plane in registers over all nonzeros of its row (two accumulator sets,
 // even and odd nonzeros, so consecutive FMAs do not wait on each other); each nonzero is V
-// masked loads (tap lanes: the output pixels its tap reaches) and V FMAs.
-template <int V, typename I>
-void conv_forward_small(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) {
-  const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo;
-  const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
-  for (int64_t it = i0; it < i1; ++it) {
-    const int64_t n = it / a.c_out, co = it % a.c_out, g = co / cout_g;
-    const float* xg = a.x + (n * a.c_in + g * cin_g) * plane_in;
-    __m512 acc0[V], acc1[V];
-    for (int v = 0; v < V; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
-    const int64_t k1 = a.crow[co + 1];
-    auto add = [&](int64_t k, __m512* acc) {
-      const ConvTap& tp = a.taps[a.nz_tap[k]];
-      const __m512 vv = _mm512_set1_ps(a.values[k]);
-      // x of output pixel j is xb[j] (stride 1, wo == w); only lanes of the tap are read
-      const float* xb = xg + a.nz_xoff[k] + (tp.x0 - tp.y0);
+// masked loads (tap lanes: the output pixels its tap reaches) and V FMAs. B images at once
+// (planes (n..n+B-1, co), B = 8 / V: one nonzero's tap, offset, value and lanes serve B * V
+// FMAs) wherever the chunk holds those B whole images, else one plane; the arithmetic of a
+// plane is the same either way (bit-identical whatever the chunks, i.e. the thread count).
+template <int V, int B, typename I>
+inline void conv_forward_small_block(const ConvArgs<float, I>& a, int64_t n, int64_t co) {
+  const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo, x_image = a.c_in * plane_in;
+  const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups, g = co / cout_g;
+  const float* xg = a.x + (n * a.c_in + g * cin_g) * plane_in;
+  __m512 acc0[B][V], acc1[B][V];
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) {
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc0[b][v] = acc1[b][v] = _mm512_setzero_ps();
+  }
+  const int64_t k1 = a.crow[co + 1];
+  int64_t k = a.crow[co];
+  for (; k + 1 < k1; k += 2) {
+    const ConvTap& ta = a.taps[a.nz_tap[k]];
+    const ConvTap& tb = a.taps[a.nz_tap[k + 1]];
+    const uint64_t la = ta.lanes, lb = tb.lanes;
+    const __m512 va = _mm512_set1_ps(a.values[k]), vb = _mm512_set1_ps(a.values[k + 1]);
+    // x of output pixel j is xa[j] (stride 1, wo == w); only lanes of the tap are read
+    const float* xa = xg + a.nz_xoff[k] + (ta.x0 - ta.y0);
+    const float* xb = xg + a.nz_xoff[k + 1] + (tb.x0 - tb.y0);
+#pragma GCC unroll 8
+    for (int b = 0; b < B; ++b) {
+#pragma GCC unroll 8
       for (int v = 0; v < V; ++v) {
-        const __mmask16 m = static_cast<__mmask16>(tp.lanes >> (16 * v));
-        acc[v] = _mm512_mask3_fmadd_ps(vv, _mm512_maskz_loadu_ps(m, xb + 16 * v), acc[v], m);
+        const __mmask16 m = static_cast<__mmask16>(la >> (16 * v));
+        acc0[b][v] = _mm512_mask3_fmadd_ps(
+            va, _mm512_maskz_loadu_ps(m, xa + b * x_image + 16 * v), acc0[b][v], m);
       }
-    };
-    int64_t k = a.crow[co];
-    for (; k + 1 < k1; k += 2) {
-      add(k, acc0);
-      add(k + 1, acc1);
     }
-    if (k < k1) add(k, acc0);
-    const __m512 b = _mm512_set1_ps(a.bias ? a.bias[co] : 0.0f);
-    float* yp = a.y + it * plane_out;
+#pragma GCC unroll 8
+    for (int b = 0; b < B; ++b) {
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        const __mmask16 m = static_cast<__mmask16>(lb >> (16 * v));
+        acc1[b][v] = _mm512_mask3_fmadd_ps(
+            vb, _mm512_maskz_loadu_ps(m, xb + b * x_image + 16 * v), acc1[b][v], m);
+      }
+    }
+  }
+  if (k < k1) {
+    const ConvTap& ta = a.taps[a.nz_tap[k]];
+    const uint64_t la = ta.lanes;
+    const __m512 va = _mm512_set1_ps(a.values[k]);
+    const float* xa = xg + a.nz_xoff[k] + (ta.x0 - ta.y0);
+#pragma GCC unroll 8
+    for (int b = 0; b < B; ++b) {
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        const __mmask16 m = static_cast<__mmask16>(la >> (16 * v));
+        acc0[b][v] = _mm512_mask3_fmadd_ps(
+            va, _mm512_maskz_loadu_ps(m, xa + b * x_image + 16 * v), acc0[b][v], m);
+      }
+    }
+  }
+  const __m512 bias = _mm512_set1_ps(a.bias ? a.bias[co] : 0.0f);
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) {
+    float* yp = a.y + ((n + b) * a.c_out + co) * plane_out;
+#pragma GCC unroll 8
     for (int v = 0; v < V; ++v) {
       _mm512_mask_storeu_ps(yp + 16 * v, conv_tail16(plane_out - 16 * v),
-                            _mm512_add_ps(b, _mm512_add_ps(acc0[v], acc1[v])));
+                            _mm512_add_ps(bias, _mm512_add_ps(acc0[b][v], acc1[b][v])));
+    }
+  }
+}
+
+// Items it = n * c_out + co in [i0, i1): whole images in blocks of B, the rest plane by plane.
+template <int V, typename I>
+void conv_forward_small(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) {
+  constexpr int B = 8 / V;
+  for (int64_t it = i0; it < i1;) {
+    const int64_t n = it / a.c_out, co = it % a.c_out;
+    if (B > 1 && co == 0 && it + B * a.c_out <= i1) {
+      for (int64_t c = 0; c < a.c_out; ++c) conv_forward_small_block<V, B, I>(a, n, c);
+      it += B * a.c_out;
+    } else {
+      conv_forward_small_block<V, 1, I>(a, n, co);
+      ++it;
     }
   }
 }
@@ -271,57 +322,104 @@ void conv_values_grad_small_batch(const ConvArgs<float, I>& a, int64_t r0, int64
 
 // The input gradient on small planes (h * w <= 16 * V): the plane dx (n, ci) in registers over
 // all nonzeros of its W^T rows in ci's group (a contiguous stretch of each row: col_t is sorted,
-// checked by the driver), even and odd ones into separate accumulators.
-template <int V, typename I>
-void conv_input_grad_small(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) {
+// checked by the driver), even and odd ones into separate accumulators; B = 8 / V images at
+// once where the chunk holds them whole (same arithmetic per plane as one at a time).
+template <int V, int B, typename I>
+inline void conv_input_grad_small_block(const ConvArgs<float, I>& a, int64_t n, int64_t ci) {
   const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo;
-  const int64_t khw = a.kh * a.kw;
+  const int64_t khw = a.kh * a.kw, g_image = a.c_out * plane_out;
   const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
-  for (int64_t it = i0; it < i1; ++it) {
-    const int64_t n = it / a.c_in, ci = it % a.c_in, g = ci / cin_g, cl = ci % cin_g;
-    const int64_t co_lo = g * cout_g, co_hi = co_lo + cout_g;
-    const float* gn = a.grad + n * a.c_out * plane_out;
-    __m512 acc0[V], acc1[V];
-    for (int v = 0; v < V; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
-    for (int64_t q = 0; q < khw; ++q) {
-      const ConvTap& tp = a.taps[q];
-      if (tp.lanes_in == 0) continue;
-      const int64_t c = cl * khw + q;
-      int64_t t0 = a.crow_t[c], t1 = a.crow_t[c + 1];
-      if (a.groups > 1) {  // the stretch of co in [co_lo, co_hi)
-        int64_t lo = t0, hi = t1;
-        while (lo < hi) {
-          const int64_t mid = lo + (hi - lo) / 2;
-          if (a.col_t[mid] < co_lo) lo = mid + 1; else hi = mid;
-        }
-        t0 = lo, hi = t1;
-        while (lo < hi) {
-          const int64_t mid = lo + (hi - lo) / 2;
-          if (a.col_t[mid] < co_hi) lo = mid + 1; else hi = mid;
-        }
-        t1 = lo;
+  const int64_t g = ci / cin_g, cl = ci % cin_g;
+  const int64_t co_lo = g * cout_g, co_hi = co_lo + cout_g;
+  const float* gn = a.grad + n * g_image;
+  __m512 acc0[B][V], acc1[B][V];
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) {
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc0[b][v] = acc1[b][v] = _mm512_setzero_ps();
+  }
+  for (int64_t q = 0; q < khw; ++q) {
+    const ConvTap& tp = a.taps[q];
+    if (tp.lanes_in == 0) continue;
+    const int64_t c = cl * khw + q;
+    int64_t t0 = a.crow_t[c], t1 = a.crow_t[c + 1];
+    if (a.groups > 1) {  // the stretch of co in [co_lo, co_hi)
+      int64_t lo = t0, hi = t1;
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (a.col_t[mid] < co_lo) lo = mid + 1; else hi = mid;
       }
-      // dx pixel i takes grad pixel i - (x0 - y0); only the tap's lanes are read
-      const float* gb = gn - (tp.x0 - tp.y0);
-      auto add = [&](int64_t t, __m512* acc) {
-        const __m512 vv = _mm512_set1_ps(a.values[a.perm[t]]);
-        const float* gp = gb + a.col_t[t] * plane_out;
-        for (int v = 0; v < V; ++v) {
-          const __mmask16 m = static_cast<__mmask16>(tp.lanes_in >> (16 * v));
-          acc[v] = _mm512_mask3_fmadd_ps(vv, _mm512_maskz_loadu_ps(m, gp + 16 * v), acc[v], m);
-        }
-      };
-      int64_t t = t0;
-      for (; t + 1 < t1; t += 2) {
-        add(t, acc0);
-        add(t + 1, acc1);
+      t0 = lo, hi = t1;
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (a.col_t[mid] < co_hi) lo = mid + 1; else hi = mid;
       }
-      if (t < t1) add(t, acc0);
+      t1 = lo;
     }
-    float* dp = a.dx + it * plane_in;
+    // dx pixel i takes grad pixel i - (x0 - y0); only the tap's lanes are read
+    const float* gb = gn - (tp.x0 - tp.y0);
+    const uint64_t lanes = tp.lanes_in;
+    int64_t t = t0;
+    for (; t + 1 < t1; t += 2) {
+      const __m512 va = _mm512_set1_ps(a.values[a.perm[t]]);
+      const __m512 vb = _mm512_set1_ps(a.values[a.perm[t + 1]]);
+      const float* ga = gb + a.col_t[t] * plane_out;
+      const float* gc = gb + a.col_t[t + 1] * plane_out;
+#pragma GCC unroll 8
+      for (int b = 0; b < B; ++b) {
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) {
+          const __mmask16 m = static_cast<__mmask16>(lanes >> (16 * v));
+          acc0[b][v] = _mm512_mask3_fmadd_ps(
+              va, _mm512_maskz_loadu_ps(m, ga + b * g_image + 16 * v), acc0[b][v], m);
+        }
+      }
+#pragma GCC unroll 8
+      for (int b = 0; b < B; ++b) {
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) {
+          const __mmask16 m = static_cast<__mmask16>(lanes >> (16 * v));
+          acc1[b][v] = _mm512_mask3_fmadd_ps(
+              vb, _mm512_maskz_loadu_ps(m, gc + b * g_image + 16 * v), acc1[b][v], m);
+        }
+      }
+    }
+    if (t < t1) {
+      const __m512 va = _mm512_set1_ps(a.values[a.perm[t]]);
+      const float* ga = gb + a.col_t[t] * plane_out;
+#pragma GCC unroll 8
+      for (int b = 0; b < B; ++b) {
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) {
+          const __mmask16 m = static_cast<__mmask16>(lanes >> (16 * v));
+          acc0[b][v] = _mm512_mask3_fmadd_ps(
+              va, _mm512_maskz_loadu_ps(m, ga + b * g_image + 16 * v), acc0[b][v], m);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) {
+    float* dp = a.dx + ((n + b) * a.c_in + ci) * plane_in;
+#pragma GCC unroll 8
     for (int v = 0; v < V; ++v) {
       _mm512_mask_storeu_ps(dp + 16 * v, conv_tail16(plane_in - 16 * v),
-                            _mm512_add_ps(acc0[v], acc1[v]));
+                            _mm512_add_ps(acc0[b][v], acc1[b][v]));
+    }
+  }
+}
+
+template <int V, typename I>
+void conv_input_grad_small(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) {
+  constexpr int B = 8 / V;
+  for (int64_t it = i0; it < i1;) {
+    const int64_t n = it / a.c_in, ci = it % a.c_in;
+    if (B > 1 && ci == 0 && it + B * a.c_in <= i1) {
+      for (int64_t c = 0; c < a.c_in; ++c) conv_input_grad_small_block<V, B, I>(a, n, c);
+      it += B * a.c_in;
+    } else {
+      conv_input_grad_small_block<V, 1, I>(a, n, ci);
+      ++it;
     }
   }
 }
