@@ -148,13 +148,14 @@ def test_nonfinite_input_follows_dense_math(cfg, gen, isa):
     assert torch.equal(y.isnan(), ref.isnan())
 
 
-def test_empty_batch(gen):
-    cfg = (0, 4, 6, 6, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1)
-    x, values, bias, layout, params = make_case(cfg, 0.5, gen)
+@pytest.mark.parametrize("size", [6, 12])  # small-plane and tile kernels (float32, AVX-512)
+def test_empty_batch(size, dtype, gen):
+    cfg = (0, 4, size, size, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    x, values, bias, layout, params = make_case(cfg, 0.5, gen, dtype=dtype)
     x.requires_grad_()
     values.requires_grad_()
     y = sparse_conv(x, values, bias, layout, params)
-    assert y.shape == (0, 3, 6, 6)
+    assert y.shape == (0, 3, size, size)
     y.sum().backward()
     assert x.grad.shape == x.shape and torch.equal(values.grad, torch.zeros_like(values))
 

@@ -237,85 +237,76 @@ void conv_forward_small(const ConvArgs<float, I>& a, int64_t i0, int64_t i1) {
   }
 }
 
-// The values gradient on small planes: a row's nonzeros in blocks of kBlock, each with V vector
-// accumulators (on the stack) summed lane-wise over the images in order, reduced once at the
-// end. Per image, the output-gradient plane (n, co) is loaded once into registers and the
-// image's input planes are read in place (no stride across images in the inner loop).
-constexpr int64_t kBlock = 128;
-
-template <int V, typename I>
-void conv_values_grad_small(const ConvArgs<float, I>& a, int64_t r0, int64_t r1) {
+// The values gradient on small planes, register-blocked: images in blocks whose input planes
+// take about 256 KiB (they stay in cache while every row of the chunk reads them; with the
+// images inner, each row streamed the whole batch from memory), per row groups of NZ = 8 / V
+// nonzeros (the rest one by one) with NZ * V accumulators in registers, summed lane-wise over the
+// block's images in order, reduced and added to dvalues block after block (a fixed order: the
+// block size depends on the shape only, a nonzero's arithmetic is the same in a group or alone).
+template <int V, int NZ, typename I>
+inline void conv_values_grad_small_group(const ConvArgs<float, I>& a, int64_t co, int64_t k,
+                                         int64_t n0, int64_t n1) {
   const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo;
-  const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
+  const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups, g = co / cout_g;
   const int64_t x_image = a.c_in * plane_in, g_image = a.c_out * plane_out;
-  __m512 acc[kBlock][V];
-  for (int64_t co = r0; co < r1; ++co) {
-    const int64_t g = co / cout_g, k_end = a.crow[co + 1];
-    const float* gc = a.grad + co * plane_out;
-    const float* xc = a.x + g * cin_g * plane_in;
-    for (int64_t kb = a.crow[co]; kb < k_end; kb += kBlock) {
-      const int64_t nb = k_end - kb < kBlock ? k_end - kb : kBlock;
-      for (int64_t i = 0; i < nb; ++i) {
-        for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
-      }
-      for (int64_t n = 0; n < a.n; ++n) {
-        __m512 gv[V];
-        for (int v = 0; v < V; ++v) {
-          gv[v] = _mm512_maskz_loadu_ps(conv_tail16(plane_out - 16 * v), gc + n * g_image + 16 * v);
-        }
-        const float* xn = xc + n * x_image;
-        for (int64_t i = 0; i < nb; ++i) {
-          const ConvTap& tp = a.taps[a.nz_tap[kb + i]];
-          const float* xb = xn + a.nz_xoff[kb + i] + (tp.x0 - tp.y0);
-          for (int v = 0; v < V; ++v) {
-            const __mmask16 m = static_cast<__mmask16>(tp.lanes >> (16 * v));
-            acc[i][v] = _mm512_mask3_fmadd_ps(gv[v], _mm512_maskz_loadu_ps(m, xb + 16 * v),
-                                              acc[i][v], m);
-          }
-        }
-      }
-      for (int64_t i = 0; i < nb; ++i) {
-        __m512 sum = acc[i][0];
-        for (int v = 1; v < V; ++v) sum = _mm512_add_ps(sum, acc[i][v]);
-        a.dvalues[kb + i] = _mm512_reduce_add_ps(sum);
+  const float* gc = a.grad + co * plane_out;
+  const float* xc = a.x + g * cin_g * plane_in;
+  const float* xk[NZ];
+  uint64_t lanes[NZ];
+#pragma GCC unroll 8
+  for (int j = 0; j < NZ; ++j) {
+    const ConvTap& tp = a.taps[a.nz_tap[k + j]];
+    xk[j] = xc + a.nz_xoff[k + j] + (tp.x0 - tp.y0);
+    lanes[j] = tp.lanes;
+  }
+  __m512 acc[NZ][V];
+#pragma GCC unroll 8
+  for (int j = 0; j < NZ; ++j) {
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 gv[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      gv[v] = _mm512_maskz_loadu_ps(conv_tail16(plane_out - 16 * v), gc + n * g_image + 16 * v);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NZ; ++j) {
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        const __mmask16 m = static_cast<__mmask16>(lanes[j] >> (16 * v));
+        acc[j][v] = _mm512_mask3_fmadd_ps(
+            gv[v], _mm512_maskz_loadu_ps(m, xk[j] + n * x_image + 16 * v), acc[j][v], m);
       }
     }
   }
+#pragma GCC unroll 8
+  for (int j = 0; j < NZ; ++j) {
+    __m512 sum = acc[j][0];
+#pragma GCC unroll 8
+    for (int v = 1; v < V; ++v) sum = _mm512_add_ps(sum, acc[j][v]);
+    const float r = _mm512_reduce_add_ps(sum);
+    a.dvalues[k + j] = n0 == 0 ? r : a.dvalues[k + j] + r;
+  }
 }
 
-// The values gradient on small planes, per nonzero: the products with every image's planes are
-// summed lane-wise over the batch (two accumulator sets, even and odd images) and reduced once.
 template <int V, typename I>
-void conv_values_grad_small_batch(const ConvArgs<float, I>& a, int64_t r0, int64_t r1) {
-  const int64_t plane_in = a.h * a.w, plane_out = a.ho * a.wo;
-  const int64_t cin_g = a.c_in / a.groups, cout_g = a.c_out / a.groups;
-  const int64_t x_image = a.c_in * plane_in, g_image = a.c_out * plane_out;
-  for (int64_t co = r0; co < r1; ++co) {
-    const int64_t g = co / cout_g, k1 = a.crow[co + 1];
-    const float* gc = a.grad + co * plane_out;
-    for (int64_t k = a.crow[co]; k < k1; ++k) {
-      const ConvTap& tp = a.taps[a.nz_tap[k]];
-      const float* xk = a.x + g * cin_g * plane_in + a.nz_xoff[k] + (tp.x0 - tp.y0);
-      __m512 acc0[V], acc1[V];
-      for (int v = 0; v < V; ++v) acc0[v] = acc1[v] = _mm512_setzero_ps();
-      auto add = [&](int64_t n, __m512* acc) {
-        const float* gp = gc + n * g_image;
-        const float* xb = xk + n * x_image;
-        for (int v = 0; v < V; ++v) {
-          const __mmask16 m = static_cast<__mmask16>(tp.lanes >> (16 * v));
-          acc[v] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, gp + 16 * v),
-                                   _mm512_maskz_loadu_ps(m, xb + 16 * v), acc[v]);
-        }
-      };
-      int64_t n = 0;
-      for (; n + 1 < a.n; n += 2) {
-        add(n, acc0);
-        add(n + 1, acc1);
-      }
-      if (n < a.n) add(n, acc0);
-      __m512 sum = _mm512_add_ps(acc0[0], acc1[0]);
-      for (int v = 1; v < V; ++v) sum = _mm512_add_ps(sum, _mm512_add_ps(acc0[v], acc1[v]));
-      a.dvalues[k] = _mm512_reduce_add_ps(sum);
+void conv_values_grad_small_groups(const ConvArgs<float, I>& a, int64_t r0, int64_t r1) {
+  constexpr int NZ = V == 1 ? 8 : V == 2 ? 4 : 2;
+  if (a.n == 0) {  // an empty batch: the sums are 0
+    for (int64_t k = a.crow[r0]; k < (int64_t)a.crow[r1]; ++k) a.dvalues[k] = 0.0f;
+    return;
+  }
+  const int64_t x_image = a.c_in * a.h * a.w * static_cast<int64_t>(sizeof(float));
+  const int64_t block = std::max<int64_t>(1, (int64_t{256} << 10) / std::max<int64_t>(1, x_image));
+  for (int64_t n0 = 0; n0 < a.n; n0 += block) {
+    const int64_t n1 = std::min(a.n, n0 + block);
+    for (int64_t co = r0; co < r1; ++co) {
+      const int64_t k1 = a.crow[co + 1];
+      int64_t k = a.crow[co];
+      for (; k + NZ <= k1; k += NZ) conv_values_grad_small_group<V, NZ, I>(a, co, k, n0, n1);
+      for (; k < k1; ++k) conv_values_grad_small_group<V, 1, I>(a, co, k, n0, n1);
     }
   }
 }
@@ -627,8 +618,13 @@ inline void conv_values_grad_tile(const ConvArgs<float, I>& a, const float* gp, 
     __m512 s0 = _mm512_load_ps(ak), s1 = _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m[v], xb + 16 * v);
-      if (v & 1) s1 = _mm512_fmadd_ps(gv[v], xv, s1); else s0 = _mm512_fmadd_ps(gv[v], xv, s0);
+      const __mmask16 mv = m[v];
+      const __m512 xv = _mm512_maskz_loadu_ps(mv, xb + 16 * v);
+      if (v & 1) {
+        s1 = _mm512_mask3_fmadd_ps(gv[v], xv, s1, mv);
+      } else {
+        s0 = _mm512_mask3_fmadd_ps(gv[v], xv, s0, mv);
+      }
     }
     _mm512_store_ps(ak, _mm512_add_ps(s0, s1));
   }
@@ -684,12 +680,12 @@ void (*conv_values_grad_small_for(const ConvArgs<float, I>& a))(const ConvArgs<f
                                                                 int64_t, int64_t) {
   if (!a.colmask || !(a.flat & kConvFlatValues)) return nullptr;
   const int64_t p = a.ho * a.wo;
-  // blocked for one-vector planes, per nonzero otherwise: measured (batch 64, 2 threads) 18 vs
-  // 34 ms on 512 channels at 4x4, 7.2 vs 5.5 ms on 256 channels at 8x8 (density 0.05)
-  return p <= 16   ? &conv_values_grad_small<1, I>
-         : p <= 32 ? &conv_values_grad_small_batch<2, I>
-         : p <= 48 ? &conv_values_grad_small_batch<3, I>
-         : p <= 64 ? &conv_values_grad_small_batch<4, I>
+  // register-blocked groups of nonzeros over the images (1 thread, batch 64, density 0.05, CPU
+  // time vs the blocked stack accumulators / per nonzero kernels before: see docs/benchmarks.md)
+  return p <= 16   ? &conv_values_grad_small_groups<1, I>
+         : p <= 32 ? &conv_values_grad_small_groups<2, I>
+         : p <= 48 ? &conv_values_grad_small_groups<3, I>
+         : p <= 64 ? &conv_values_grad_small_groups<4, I>
                    : &conv_values_grad_tiles<I>;
 }
 #endif
