@@ -9,7 +9,9 @@
 // - flat (stride 1 and wo == w, the "same" convolutions): one loop per nonzero over its whole
 //   range as a flat run, the columns that wrap to the next row masked out by a select;
 // - small (flat, float32, AVX-512, planes of <= 64 pixels): the plane lives in <= 4 registers
-//   across a row's nonzeros, loads masked by the tap's pixel bits.
+//   across a row's nonzeros (8 / V images at once), loads masked by the tap's pixel bits;
+// - tiles (flat, float32, AVX-512, larger planes): the same over tiles of <= 8 vectors, the
+//   masks from per-tap 16-bit lane tables (ConvArgs out_lanes / in_lanes).
 //
 // Parallel phases (schedule.h, pool.h): the forward's chunks own output planes (n, co), the
 // input gradient's own input planes (n, ci), the values gradient's own rows of W (all their
