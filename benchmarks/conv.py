@@ -92,9 +92,14 @@ def sparseprop_calls(weight, x, g, y_ref):
         with torch.no_grad():
             conv.weight.copy_(weight)
         sp = SPConv.from_dense(conv, vectorizing_over_on=over_on)
-        with torch.no_grad():
-            torch.testing.assert_close(sp(x.detach()), y_ref, rtol=1e-4, atol=1e-4)
         tag = "on" if over_on else "off"
+        with torch.no_grad():
+            y_sp = sp(x.detach())
+        if not torch.allclose(y_sp, y_ref, rtol=1e-4, atol=1e-4):
+            # (seen at batch 2: a wrong result is not timed)
+            print(f"# SparseProp (vectorising over {tag}) gives a wrong result at this shape: "
+                  f"max error {(y_sp - y_ref).abs().max().item():.3g}; not timed")
+            continue
 
         def fwd(sp=sp):
             with torch.no_grad():

@@ -96,6 +96,30 @@ def test_row_path_where_the_flat_path_applies(cfg, flat, dtype, gen, isa, monkey
     test_forward_and_gradients_match_dense(cfg, 0.3, dtype, torch.int32, gen, isa)
 
 
+# Planes of more than 64 pixels on the flat path (stride 1, wo == w) take the tile kernels
+# (AVX-512 float32: tiles of 8 vectors = 128 pixels, the last one shorter): plane sizes around
+# tile multiples, tails of 1 to 7 vectors, input planes larger or smaller than the output plane,
+# padding that clips rows and columns, dilation, groups; make_case leaves empty rows and columns.
+TILE_CONFIGS = [
+    (2, 4, 5, 13, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2),     # 65 pixels: 5 vectors, one tile
+    (1, 3, 8, 16, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),     # 128: exactly one tile
+    (2, 3, 1, 127, 3, (1, 3), (1, 1), (0, 1), (1, 1), 1),    # 127: one pixel short of a tile
+    (2, 3, 9, 15, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1),     # 135: a tile and 7 pixels
+    (2, 4, 17, 17, 4, (3, 3), (1, 1), (1, 1), (1, 1), 2),    # 289: two tiles and 33 pixels
+    (1, 2, 12, 20, 3, (5, 5), (1, 1), (2, 2), (1, 1), 1),    # 5x5, padding 2 clips two rows
+    (1, 3, 10, 14, 4, (3, 3), (1, 1), (2, 2), (2, 2), 1),    # dilation 2, 140 pixels
+    (2, 3, 16, 10, 4, (3, 1), (1, 1), (0, 0), (1, 1), 1),    # ho < h: 140 out, 160 in pixels
+    (1, 2, 10, 12, 2, (1, 3), (1, 1), (3, 1), (1, 1), 1),    # rows of padding: 192 out, 120 in
+    (2, 8, 32, 32, 8, (3, 3), (1, 1), (1, 1), (1, 1), 4),    # 32x32 (8 tiles), groups 4
+]
+
+
+@pytest.mark.parametrize("cfg", TILE_CONFIGS)
+@pytest.mark.parametrize("density", DENSITIES)
+def test_tiles_of_large_planes_match_dense(cfg, density, dtype, gen, isa):
+    test_forward_and_gradients_match_dense(cfg, density, dtype, torch.int32, gen, isa)
+
+
 def test_without_bias_and_channels_last_input(gen):
     cfg = (2, 4, 9, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), 2)
     x, values, _, layout, params = make_case(cfg, 0.3, gen)
@@ -124,13 +148,14 @@ def test_nonfinite_input_follows_dense_math(cfg, gen, isa):
     assert torch.equal(y.isnan(), ref.isnan())
 
 
-def test_empty_batch(gen):
-    cfg = (0, 4, 6, 6, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1)
-    x, values, bias, layout, params = make_case(cfg, 0.5, gen)
+@pytest.mark.parametrize("size", [6, 12])  # small-plane and tile kernels (float32, AVX-512)
+def test_empty_batch(size, dtype, gen):
+    cfg = (0, 4, size, size, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    x, values, bias, layout, params = make_case(cfg, 0.5, gen, dtype=dtype)
     x.requires_grad_()
     values.requires_grad_()
     y = sparse_conv(x, values, bias, layout, params)
-    assert y.shape == (0, 3, 6, 6)
+    assert y.shape == (0, 3, size, size)
     y.sum().backward()
     assert x.grad.shape == x.shape and torch.equal(values.grad, torch.zeros_like(values))
 
@@ -179,7 +204,8 @@ def test_opcheck_both_ops(gen):
 
 @pytest.mark.parametrize("cfg", [(4, 16, 16, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1),
                                  (3, 8, 15, 17, 12, (3, 3), (2, 2), (1, 1), (1, 1), 4),
-                                 (8, 32, 4, 4, 32, (3, 3), (1, 1), (1, 1), (1, 1), 2)])
+                                 (8, 32, 4, 4, 32, (3, 3), (1, 1), (1, 1), (1, 1), 2),
+                                 (3, 8, 17, 19, 8, (3, 3), (1, 1), (1, 1), (1, 1), 2)])
 def test_bit_identical_across_thread_counts(cfg, gen):
     x, values, bias, layout, params = make_case(cfg, 0.3, gen, dtype=torch.float32)
     g = None

@@ -9,7 +9,9 @@
 // - flat (stride 1 and wo == w, the "same" convolutions): one loop per nonzero over its whole
 //   range as a flat run, the columns that wrap to the next row masked out by a select;
 // - small (flat, float32, AVX-512, planes of <= 64 pixels): the plane lives in <= 4 registers
-//   across a row's nonzeros, loads masked by the tap's pixel bits.
+//   across a row's nonzeros (8 / V images at once), loads masked by the tap's pixel bits;
+// - tiles (flat, float32, AVX-512, larger planes): the same over tiles of <= 8 vectors, the
+//   masks from per-tap 16-bit lane tables (ConvArgs out_lanes / in_lanes).
 //
 // Parallel phases (schedule.h, pool.h): the forward's chunks own output planes (n, co), the
 // input gradient's own input planes (n, ci), the values gradient's own rows of W (all their
@@ -31,6 +33,7 @@
 #include <utility>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace torch_nerva {
@@ -70,6 +73,12 @@ struct ConvArgs {
   const ConvTap* taps;     // kh * kw
   const int32_t* nz_tap;   // per nonzero of W: its tap c % (kh * kw)
   const int64_t* nz_xoff;  // per nonzero of W: c / (kh * kw) * h * w, its input plane's offset
+  // flat path only (else null): per tap, the 16-pixel lane masks of the output pixels it
+  // reaches (out_vecs = ceil(ho * wo / 16) per tap) and of the input pixels it reads (in_vecs =
+  // ceil(h * w / 16) per tap): bit l of mask v is pixel 16 * v + l
+  const uint16_t* out_lanes;
+  const uint16_t* in_lanes;
+  int64_t out_vecs, in_vecs;
   S* y;
   S* dx;
   S* dvalues;
@@ -301,6 +310,48 @@ std::vector<ConvTap> conv_taps(const ConvGeometry& g) {
   return taps;
 }
 
+// The flat path's per-tap lane masks (ConvArgs::out_lanes, in_lanes): for each tap, bit l of
+// mask v set when output pixel 16 * v + l is reached, resp. input pixel 16 * v + l is read.
+struct ConvTapLanes {
+  std::vector<uint16_t> out, in;
+  int64_t out_vecs = 0, in_vecs = 0;
+};
+
+ConvTapLanes conv_tap_lanes(const ConvGeometry& g) {
+  ConvTapLanes b;
+  if (g.sh != 1 || g.sw != 1 || g.wo != g.w) return b;
+  const int64_t khw = g.kh * g.kw;
+  b.out_vecs = (g.ho * g.wo + 15) / 16;
+  b.in_vecs = (g.h * g.w + 15) / 16;
+  b.out.assign(khw * b.out_vecs, 0);
+  b.in.assign(khw * b.in_vecs, 0);
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    const int64_t offy = ky * g.dh - g.ph;
+    const auto ry = conv_range(g.h, g.ho, 1, offy);
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const int64_t offx = kx * g.dw - g.pw, q = ky * g.kw + kx;
+      const auto rx = conv_range(g.w, g.wo, 1, offx);
+      uint16_t* out = b.out.data() + q * b.out_vecs;
+      uint16_t* in = b.in.data() + q * b.in_vecs;
+      for (int64_t oy = ry.first; oy < ry.second; ++oy) {
+        for (int64_t ox = rx.first; ox < rx.second; ++ox) {
+          const int64_t j = oy * g.wo + ox, i = (oy + offy) * g.w + ox + offx;
+          out[j / 16] |= static_cast<uint16_t>(1u << (j % 16));
+          in[i / 16] |= static_cast<uint16_t>(1u << (i % 16));
+        }
+      }
+    }
+  }
+  return b;
+}
+
+template <typename S, typename I>
+void set_tap_lanes(ConvArgs<S, I>& a, const ConvTapLanes& b) {
+  a.out_lanes = b.out.empty() ? nullptr : b.out.data();
+  a.in_lanes = b.in.empty() ? nullptr : b.in.data();
+  a.out_vecs = b.out_vecs, a.in_vecs = b.in_vecs;
+}
+
 // Per nonzero of a validated W: its tap and its input plane's offset.
 template <typename I>
 void nonzero_taps(const ConvGeometry& g, const I* col, int64_t nnz, std::vector<int32_t>& tap,
@@ -378,6 +429,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& values_in
       a.taps = taps.data();
       a.nz_tap = nz_tap.data();
       a.nz_xoff = nz_xoff.data();
+      const ConvTapLanes lanes = conv_tap_lanes(g);
+      set_tap_lanes(a, lanes);
       const auto fn = conv_kernels<scalar_t, index_t>().forward;
       const int64_t pixels = g.ho * g.wo, per_image = nnz + g.c_out;
       run_split(
@@ -454,6 +507,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(
       a.flat = conv_flat_phases();
       const std::vector<ConvTap> taps = conv_taps(g);
       a.taps = taps.data();
+      const ConvTapLanes lanes = conv_tap_lanes(g);
+      set_tap_lanes(a, lanes);
       std::vector<int32_t> nz_tap;
       std::vector<int64_t> nz_xoff;
       const ConvTable<scalar_t, index_t> table = conv_kernels<scalar_t, index_t>();

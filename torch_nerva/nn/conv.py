@@ -378,10 +378,12 @@ class SparseConv2d(_ConvBase, SparseWeightModule):
         return layer
 
 
-#: ``auto`` computes a SparseConv2d densely (oneDNN) from this density on: the measured
-#: sparse/dense crossover of forward + backward for the 3x3 ResNet-18 CIFAR layers at batch 64
-#: (2 threads, AVX-512) was at densities 0.063-0.08 (ratio 0.37-0.57 at 0.05, 1.0-1.55 at 0.08).
-DENSE_DENSITY = 0.06
+#: ``auto`` computes a SparseConv2d densely (oneDNN) from this density on: forward + backward
+#: of the 3x3 ResNet-18 CIFAR layers at batch 64 (2 threads, AVX-512 float32) took 0.39-0.45
+#: (32x32, 16x16), 0.90 (8x8) and 0.63 (4x4) of dense at density 0.08 with the tile kernels,
+#: before the small planes' values gradient was made 1.3-2x faster (docs/benchmarks.md, "Sparse
+#: convolution"); the crossover was at 0.063-0.08 with the earlier kernels.
+DENSE_DENSITY = 0.08
 #: ... and from this density on for the other shapes (stride 2, or an output narrower than the
 #: input), which take the kernels' slower row path: measured crossover 0.01-0.02 for the 3x3
 #: stride-2 ResNet-18 layers (64->128 at 32x32, 128->256 at 16x16, 256->512 at 8x8).
