@@ -424,6 +424,7 @@ lr = 0.05
 weight_decay = 5e-4
 check_steps = 2
 inference_calls = 2
+dtype = "float64"  # float32 BatchNorm over 8 images amplifies summation-order rounding to ~1e-4
 
 [[experiment]]
 kind = "inference"
@@ -509,7 +510,7 @@ def test_resnet18_cifar_tiny_run(cnn_run):
     assert row["csr_backends"] == {"native": 19} and len(row["layer_nnz"]) == 19
     assert row["dense_weights"] == 3 * 64 * 9 + 512 * 10
     assert row["mask_s_per_epoch"] > 0 and row["csr_s_per_epoch"] > 0
-    assert row["loss_drift"] < 1e-4 and row["weight_drift"] < 1e-4 and row["drift_steps"] == 2
+    assert row["loss_drift"] < 1e-10 and row["weight_drift"] < 1e-10 and row["drift_steps"] == 2
     assert row["param_bytes_csr"] < row["param_bytes_mask"]
     (infer_a, infer_b) = _doc(cnn_run, "dcnn-infer")["rows"]
     assert infer_a["model"] == "digits_cnn" and infer_b["nnz"] < infer_a["nnz"]
