@@ -412,8 +412,9 @@ def run_fssl(exp: Dict[str, Any], data, log: Callable[[str], None]) -> List[Dict
     return rows
 
 
-def format_fssl(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) -> str:
-    """The per-lambda table."""
+def format_fssl(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str,
+                markdown: bool = False) -> str:
+    """The per-lambda table (aligned text, or markdown with ``markdown``)."""
     from .report import _f, _table
     header = ["lambda", "steps", "acc start", "acc FSSL", "acc magn.", "nnz start", "nnz FSSL",
               "removed", "hidden FSSL", f"b{exp['batch_inference']} start/FSSL/magn. us",
@@ -431,7 +432,7 @@ def format_fssl(rows: Sequence[Dict[str, Any]], exp: Dict[str, Any], note: str) 
                       f"{r['infer_b1_magnitude_us']:.0f}",
                       f"{r['speedup_batch_vs_magnitude']:.2f}x/"
                       f"{r['speedup_b1_vs_magnitude']:.2f}x"])
-    text = [_table(header, lines),
+    text = [_table(header, lines, markdown),
             f"{rows[0]['network'] if rows else exp['network']} on "
             f"{rows[0]['dataset'] if rows else exp['dataset']}; FSSL: prox group lasso "
             f"({', '.join(exp['groups'])}), warm-up {exp['warmup']} steps, stop at "
