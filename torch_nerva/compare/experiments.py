@@ -253,14 +253,15 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 1000) -> float
 
 
 @torch.no_grad()
-def batch1_inference_us(models: Sequence[nn.Module], x: Tensor, calls: int) -> List[float]:
-    """Median microseconds of a batch-1 forward per model (eval mode, no_grad), after
-    min(10, calls) warm-up calls each, the models timed call by call in turn with the order
-    rotated."""
-    x = x[:1]
+def inference_us(models: Sequence[nn.Module], x: Tensor, calls: int,
+                 warmup: int = 10) -> List[float]:
+    """Median microseconds of one forward of ``x`` per model (eval mode, no_grad), after
+    ``warmup`` calls each, the models timed call by call in turn with the order rotated; each
+    model's training mode is restored."""
+    modes = [m.training for m in models]
     for model in models:
         model.eval()
-        for _ in range(min(10, calls)):
+        for _ in range(warmup):
             model(x)
     times: List[List[float]] = [[] for _ in models]
     for call in range(calls):
@@ -269,9 +270,14 @@ def batch1_inference_us(models: Sequence[nn.Module], x: Tensor, calls: int) -> L
             start = time.perf_counter()
             models[i](x)
             times[i].append(time.perf_counter() - start)
-    for model in models:
-        model.train()
+    for model, mode in zip(models, modes):
+        model.train(mode)
     return [1e6 * statistics.median(t) for t in times]
+
+
+def batch1_inference_us(models: Sequence[nn.Module], x: Tensor, calls: int) -> List[float]:
+    """:func:`inference_us` of the first row of ``x``, after min(10, calls) warm-up calls."""
+    return inference_us(models, x[:1], calls, warmup=min(10, calls))
 
 
 def _progress(total: int, desc: str):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -253,25 +252,11 @@ def magnitude_prune_like(start: nn.Module, reference: nn.Module) -> nn.Module:
     return pruned
 
 
-@torch.no_grad()
 def inference_us(models: Sequence[nn.Module], x: Tensor, calls: int) -> List[float]:
-    """Median microseconds of one forward of ``x`` per model (eval, no_grad), after warm-up,
-    the models called in turn with the order rotated every call."""
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-        for _ in range(5):
-            m(x)
-    times: List[List[float]] = [[] for _ in models]
-    for call in range(calls):
-        for k in range(len(models)):
-            i = (call + k) % len(models)
-            start = time.perf_counter()
-            models[i](x)
-            times[i].append(time.perf_counter() - start)
-    for m, mode in zip(models, modes):
-        m.train(mode)
-    return [1e6 * statistics.median(t) for t in times]
+    """Median microseconds of one forward of ``x`` per model (eval, no_grad), after 5 warm-up
+    calls, the models called in turn with the order rotated every call."""
+    from .experiments import inference_us as timed
+    return timed(models, x, calls, warmup=5)
 
 
 def hidden_neurons(model: nn.Module) -> int:
